@@ -1,0 +1,179 @@
+"""Command line: `transduce train | translate | evaluate | info`.
+
+A thin layer over importable functions; every option is documented in --help.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(args) -> int:
+    from transduce.config import load_config
+    from transduce.training.trainer import train
+
+    cfg = load_config(args.config, args.set or [])
+    state = train(cfg, args.out)
+    print(json.dumps({"step": state["step"], "stop_reason": state["stop_reason"],
+                      "best": state["best"], "best_step": state["best_step"]}))
+    return 0
+
+
+def _read_inputs(args) -> list[str]:
+    from transduce.data.readers import read_lines
+
+    if args.input:
+        return read_lines(Path(args.input))
+    data = sys.stdin.buffer.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"<stdin>:{line}: invalid UTF-8") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def _translate(args) -> int:
+    from transduce.inference import load_run, translate
+
+    run = load_run(args.model)
+    _threads(args.threads)
+    sources = _read_inputs(args)
+    outputs = translate(run, sources, args.beam, args.nbest, args.batch_size)
+    lines = []
+    for hyps in outputs:
+        if args.nbest and args.nbest > 1:
+            lines.append("\t".join(hyps))
+        else:
+            lines.append(hyps[0])
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from transduce.data.pipeline import load_splits
+    from transduce.data.readers import read_pairs
+    from transduce.inference import evaluate_pairs, load_run
+
+    run = load_run(args.model)
+    _threads(args.threads)
+    if args.data:
+        pairs, _ = read_pairs(args.data)
+        name = args.data
+    else:
+        splits = load_splits(run.config.data)
+        pairs = getattr(splits, args.split)
+        name = f"{run.config.data.dataset or 'data'}:{args.split}"
+    metrics = args.metrics.split(",") if args.metrics else run.config.eval.metrics
+    result, sources, hyps = evaluate_pairs(run, pairs, metrics, args.beam, args.batch_size)
+    from transduce.data.pipeline import group_references
+
+    _, refs = group_references(pairs)
+    shown = 0
+    for s, h, r in zip(sources, hyps, refs):
+        if shown >= args.show:
+            break
+        print(f"{s}\t{h}\t{'OK' if h in r else 'ref: ' + ' | '.join(r)}")
+        shown += 1
+    result = {"data": name, "items": len(sources), "beam": args.beam or run.config.decode.beam, **result}
+    print(json.dumps(result))
+    return 0
+
+
+def _info(args) -> int:
+    from transduce.inference import load_run
+
+    run = load_run(args.run_dir)
+    info = {
+        **run.model.describe(),
+        "source_vocab": len(run.source.vocab), "target_vocab": len(run.target.vocab),
+        "source_tokenizer": run.source.tokenizer.kind, "target_tokenizer": run.target.tokenizer.kind,
+        "checkpoint": str(run.checkpoint),
+        "training": {k: run.state.get(k) for k in ("step", "epoch", "elapsed_s", "tokens", "best", "best_step")},
+    }
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transduce", description="Train and use encoder-decoder models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (resumes if RUN_DIR has a checkpoint)",
+                       description="Train a model from a YAML config. Re-running with the same --out "
+                                   "resumes from the last checkpoint.")
+    t.add_argument("config", help="YAML config file (see recipes/)")
+    t.add_argument("--out", required=True, help="run directory for config, vocabularies, checkpoints, metrics")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=5e-4 (repeatable; value is YAML)")
+    t.set_defaults(func=_train)
+
+    def decoding(q):
+        q.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the run's config")
+        q.add_argument("--batch-size", type=int, help="inputs decoded together; default from config")
+        q.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+    tr = sub.add_parser("translate", help="decode lines from stdin or a file",
+                        description="Read one source per line, write one output per line, order preserved. "
+                                    "Empty input lines give empty output lines.")
+    tr.add_argument("--model", required=True, help="run directory")
+    decoding(tr)
+    tr.add_argument("--nbest", type=int, help="hypotheses per input, written tab-separated")
+    tr.add_argument("--input", help="input file (default: stdin)")
+    tr.add_argument("--output", help="output file (default: stdout)")
+    tr.set_defaults(func=_translate)
+
+    ev = sub.add_parser("evaluate", help="decode a test set and print metrics",
+                        description="Print the task's metrics; the last line is JSON.")
+    ev.add_argument("--model", required=True, help="run directory")
+    ev.add_argument("--data", help="test pairs (.tsv, .jsonl or src|tgt); default: the run's test split")
+    ev.add_argument("--split", default="test", choices=["dev", "test"],
+                    help="split of the run's configured data when --data is not given")
+    ev.add_argument("--metrics", help="comma-separated metrics (default: eval.metrics of the run)")
+    ev.add_argument("--show", type=int, default=0, help="print this many examples before the metrics")
+    decoding(ev)
+    ev.set_defaults(func=_evaluate)
+
+    info = sub.add_parser("info", help="describe a trained run",
+                          description="Family, sizes, parameter count, vocabularies and training state.")
+    info.add_argument("run_dir", help="run directory")
+    info.set_defaults(func=_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transduce.checkpoint import CheckpointError
+    from transduce.config import ConfigError
+    from transduce.data.readers import DataError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, PermissionError) as e:
+        print(f"transduce {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"transduce {args.command}: error: {e}", file=sys.stderr)
+        return 2

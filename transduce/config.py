@@ -1,0 +1,307 @@
+"""Typed, validated configuration.
+
+A config is a tree of dataclasses. `load_config` reads YAML, applies `--set`
+overrides and checks every section: unknown keys, wrong types and invalid
+choices are errors that name the file, the key and the valid choices.
+Model sections are chosen by `model.family`; each family's dataclass lives
+next to its code (see `transduce.models`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names the file and key."""
+
+
+# ---------------------------------------------------------------------------
+# Sections shared by every family
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["char", "whitespace", "bpe", "unigram"] = "char"  # how text splits into symbols
+    lowercase: bool = False          # fold case before splitting (G2P spellings are case-insensitive)
+    vocab_size: int = 8000           # target size for trained subword vocabularies (bpe/unigram)
+    min_frequency: int = 1           # symbols seen fewer times map to <unk> (char/whitespace)
+
+
+@dataclass
+class CmudictConfig:
+    stress: bool = True              # keep stress digits on vowels (AH0/AH1); False strips them
+    dev_fraction: float = 0.02       # share of words held out for dev (split by word, never by entry)
+    test_fraction: float = 0.05      # share of words held out for test
+    lowercase: bool = True           # spellings are lower-case in the source data already
+    max_words: int = 0               # use only this many words (0 = all); for quick runs and tests
+
+
+@dataclass
+class DataConfig:
+    dataset: Optional[Literal["cmudict"]] = None  # a built-in dataset instead of files
+    cmudict: CmudictConfig = field(default_factory=CmudictConfig)
+    # Files: a .tsv (source<TAB>target), a .jsonl ({"source":..,"target":..}),
+    # or a pair "src_file|tgt_file" of line-aligned files.
+    train: Optional[str] = None
+    dev: Optional[str] = None
+    test: Optional[str] = None
+    skip_invalid: bool = False       # skip (and count) bad lines instead of stopping
+    max_source_len: int = 256        # longer training pairs are an error unless skip_invalid
+    max_target_len: int = 256
+    source_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    target_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1                    # seeds init, dropout and data order
+    threads: int = 0                 # torch intra-op threads; 0 = all cores
+    batch_tokens: int = 4096         # token budget per batch (source + target, padded)
+    max_batch_pairs: int = 512       # cap on pairs per batch whatever the budget
+    accum_steps: int = 1             # gradient accumulation: batches per optimizer update
+    max_steps: int = 0               # stop after this many updates (0 = no limit)
+    max_epochs: int = 0              # stop after this many passes over the data (0 = no limit)
+    max_minutes: float = 0.0         # wall-clock budget for training (0 = no limit)
+    lr: float = 1e-3                 # peak learning rate after warmup
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    warmup_steps: int = 1000         # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr
+    weight_decay: float = 0.01       # AdamW decoupled weight decay (not on norms/biases)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-9
+    label_smoothing: float = 0.1     # mass spread over the vocabulary in the loss
+    clip_norm: float = 1.0           # max global gradient norm (0 = no clipping)
+    bf16: bool = False               # bf16 autocast for matmuls (fp32 master weights)
+    log_every: int = 50              # steps between metrics.jsonl lines
+    eval_every: int = 1000           # steps between dev evaluations (0 = only at the end)
+    eval_max_items: int = 1000       # dev examples decoded per evaluation (0 = all)
+    patience: int = 0                # stop after this many evaluations without improvement (0 = off)
+    keep_checkpoints: int = 2        # step checkpoints kept besides best
+    save_every: int = 0              # steps between checkpoints besides evaluations (0 = at evals only)
+    max_bad_steps: int = 20          # consecutive non-finite updates tolerated before stopping
+    init_from: Optional[str] = None  # start from another run's best weights (fine-tuning)
+    deterministic: bool = False      # torch deterministic algorithms (bitwise-reproducible resume)
+
+    def validate(self) -> None:
+        if self.schedule == "cosine" and self.max_steps <= 0:
+            raise ValueError("schedule 'cosine' needs max_steps > 0 (it decays to max_steps)")
+        if self.batch_tokens <= 0 or self.max_batch_pairs <= 0 or self.accum_steps <= 0:
+            raise ValueError("batch_tokens, max_batch_pairs and accum_steps must be positive")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = 5                    # beam size (1 = greedy)
+    nbest: int = 1                   # hypotheses returned per input
+    length_penalty: float = 1.0      # GNMT alpha; 0 ranks by raw log-probability
+    max_len_a: float = 1.5           # max output length = a * source length + b
+    max_len_b: int = 10
+    batch_size: int = 200            # inputs per decoding batch
+
+    def validate(self) -> None:
+        if self.beam < 1 or self.nbest < 1 or self.nbest > self.beam:
+            raise ValueError(f"need 1 <= nbest <= beam (beam={self.beam}, nbest={self.nbest})")
+
+
+@dataclass
+class EvalConfig:
+    # Metrics computed by `evaluate` and on dev during training; the first is
+    # the one early stopping and `best` follow.
+    metrics: list[str] = field(default_factory=lambda: ["wer", "per"])
+    dev_beam: int = 1                # beam during training-time dev evaluation (greedy is cheap)
+
+
+METRIC_CHOICES = ("wer", "per", "wer_nostress", "per_nostress", "seq_acc", "cer", "bleu", "chrf")
+
+
+@dataclass
+class Config:
+    model: Any = None                # family dataclass, chosen by model.family
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Generic dict -> dataclass conversion with checks
+# ---------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: invalid choice {value!r}; valid choices: "
+                              + ", ".join(repr(c) for c in choices))
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}"
+                          + ("" if len(errors) > 1 else f" ({errors[0]})"))
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {convert(k, key_tp, where): convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def from_dict(cls, data: dict, where: str):
+    """Build dataclass `cls` from `data`, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{key}: unknown key; valid keys here: " + ", ".join(sorted(fields)))
+    kwargs = {k: convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{where or 'config'}: {e}") from None
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    from transduce.models import MODEL_CONFIGS
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections")
+    raw = dict(raw)
+    model_raw = raw.pop("model", None)
+    if not isinstance(model_raw, dict) or "family" not in model_raw:
+        raise ConfigError(f"{source}: key 'model.family' is required; valid choices: "
+                          + ", ".join(MODEL_CONFIGS))
+    family = model_raw["family"]
+    if family not in MODEL_CONFIGS:
+        raise ConfigError(f"{source}: key 'model.family': invalid choice {family!r}; valid choices: "
+                          + ", ".join(MODEL_CONFIGS))
+    try:
+        model = from_dict(MODEL_CONFIGS[family], model_raw, "model")
+        cfg = from_dict(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: key {e}") from None
+    cfg.model = model
+    for m in cfg.eval.metrics:
+        if m not in METRIC_CHOICES:
+            raise ConfigError(f"{source}: key eval.metrics: invalid choice {m!r}; valid choices: "
+                              + ", ".join(METRIC_CHOICES))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = apply_overrides(raw, list(overrides))
+    return config_from_dict(raw, str(path))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    import yaml
+
+    from transduce.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,202 @@
+"""From config to batches: read splits, fit codecs, encode, bucket, pad.
+
+Encoded sequences are stored flat (one int32 array plus offsets), so a large
+corpus costs a few bytes per token, not a Python object per token.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from transduce.config import DataConfig
+from transduce.data.readers import DataError, Pair, read_pairs
+from transduce.data.vocab import BOS, EOS, PAD, TextCodec, share_vocab
+
+log = logging.getLogger("transduce")
+
+
+@dataclass
+class Splits:
+    train: list[Pair]
+    dev: list[Pair]
+    test: list[Pair]
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read train/dev/test as configured; report skipped lines."""
+    if cfg.dataset == "cmudict":
+        from transduce.data.cmudict import load_cmudict
+
+        s = load_cmudict(cfg.cmudict)
+        return Splits(s["train"], s["dev"], s["test"])
+    if not cfg.train:
+        raise DataError("config key data.train: no training data (set data.train or data.dataset)")
+    out = {}
+    for name in ("train", "dev", "test"):
+        spec = getattr(cfg, name)
+        if not spec:
+            out[name] = []
+            continue
+        pairs, report = read_pairs(spec, cfg.skip_invalid)
+        if report.skipped:
+            log.warning("%s: skipped %d invalid lines of %d (data.skip_invalid); first: %s",
+                        spec, report.skipped, report.read + report.skipped, report.first_problems[0])
+        if not pairs:
+            raise DataError(f"{spec}: no usable pairs")
+        out[name] = pairs
+    return Splits(**out)
+
+
+def fit_codecs(cfg: DataConfig, train: list[Pair], shared: bool) -> tuple[TextCodec, TextCodec]:
+    src = TextCodec.fit(cfg.source_tokenizer, [p.source for p in train])
+    tgt = TextCodec.fit(cfg.target_tokenizer, [p.target for p in train])
+    return share_vocab(src, tgt) if shared else (src, tgt)
+
+
+class TokenArray:
+    """Many int sequences in one flat int32 array with offsets."""
+
+    def __init__(self, seqs: list[list[int]]):
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        self.offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(self.offsets[-1]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i]: self.offsets[i + 1]]
+
+
+@dataclass
+class EncodedPairs:
+    src: TokenArray
+    tgt: TokenArray
+
+
+def encode_pairs(pairs: list[Pair], src: TextCodec, tgt: TextCodec, cfg: DataConfig,
+                 what: str = "train") -> EncodedPairs:
+    """Encode pairs; too-long pairs are an error unless data.skip_invalid."""
+    src_unk, tgt_unk = Counter(), Counter()
+    src_ids, tgt_ids, too_long = [], [], []
+    for p in pairs:
+        s = src.encode(p.source, src_unk)
+        t = tgt.encode(p.target, tgt_unk)
+        if len(s) > cfg.max_source_len or len(t) + 1 > cfg.max_target_len:
+            if not cfg.skip_invalid:
+                raise DataError(f"{p.origin}: pair longer than data.max_source_len={cfg.max_source_len} "
+                                f"/ max_target_len={cfg.max_target_len} ({len(s)} / {len(t) + 1} tokens)")
+            too_long.append(p.origin)
+            continue
+        src_ids.append(s)
+        tgt_ids.append(t)
+    if too_long:
+        log.warning("%s: skipped %d pairs over the length limits; first: %s", what, len(too_long), too_long[0])
+    for side, unk in (("source", src_unk), ("target", tgt_unk)):
+        if unk:
+            common = ", ".join(f"{s!r}x{c}" for s, c in unk.most_common(5))
+            log.warning("%s %s: %d unknown symbols mapped to <unk> (%s)", what, side, sum(unk.values()), common)
+    return EncodedPairs(TokenArray(src_ids), TokenArray(tgt_ids))
+
+
+def group_references(pairs: list[Pair]) -> tuple[list[str], list[list[str]]]:
+    """Distinct sources in first-seen order, each with all its targets as references."""
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for p in pairs:
+        groups.setdefault(p.source, []).append(p.target)
+    return list(groups), list(groups.values())
+
+
+# ---------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    src: torch.Tensor        # (B, S) source ids, PAD-padded
+    src_mask: torch.Tensor   # (B, S) True at real tokens
+    tgt_in: torch.Tensor     # (B, T) <s> y1 .. yn, PAD-padded
+    labels: torch.Tensor     # (B, T) y1 .. yn </s>, PAD where ignored
+
+    @property
+    def n_src_tokens(self) -> int:
+        return int(self.src_mask.sum())
+
+    @property
+    def n_tgt_tokens(self) -> int:
+        return int((self.labels != PAD).sum())
+
+
+def pad(seqs: list, value: int = PAD) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(data: EncodedPairs, index: list[int]) -> Batch:
+    srcs = [data.src[i] for i in index]
+    tgts = [data.tgt[i] for i in index]
+    src = pad(srcs)
+    tgt_in = pad([np.concatenate(([BOS], t)) for t in tgts])
+    labels = pad([np.concatenate((t, [EOS])) for t in tgts])
+    return Batch(src, src != PAD, tgt_in, labels)
+
+
+def token_budget_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int,
+                         max_pairs: int, seed: int) -> list[list[int]]:
+    """Group examples of similar length into batches of at most `batch_tokens` padded tokens.
+
+    Sorting by length (ties broken at random) keeps padding small; the batch
+    order is shuffled. The same seed gives the same batches.
+    """
+    rng = np.random.default_rng(seed)
+    noise = rng.random(len(src_len))
+    order = np.lexsort((noise, tgt_len, src_len))
+    batches, current, max_s, max_t = [], [], 0, 0
+    for i in order.tolist():
+        s, t = int(src_len[i]), int(tgt_len[i]) + 1
+        ns, nt = max(max_s, s), max(max_t, t)
+        if current and ((len(current) + 1) * (ns + nt) > batch_tokens or len(current) >= max_pairs):
+            batches.append(current)
+            current, ns, nt = [], s, t
+        current.append(i)
+        max_s, max_t = ns, nt
+    if current:
+        batches.append(current)
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+def epoch_batches(data: EncodedPairs, batch_tokens: int, max_pairs: int, seed: int, epoch: int,
+                  start: int = 0) -> Iterator[tuple[int, Batch]]:
+    """Batches of one epoch, from position `start` (for exact resume)."""
+    plan = token_budget_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens, max_pairs,
+                                seed * 100_003 + epoch)
+    for pos in range(start, len(plan)):
+        yield pos, collate(data, plan[pos])
+
+
+def source_batches(sources: list[list[int]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Sorted-by-length batches of sources for decoding: yields (original indices, padded ids)."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    for k in range(0, len(order), batch_size):
+        idx = order[k: k + batch_size]
+        yield idx, pad([sources[i] for i in idx])
+
+
+def shuffled(items: list, seed: int) -> list:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items

@@ -1,0 +1,173 @@
+"""Readers for parallel data: TSV, JSONL and pairs of line-aligned files.
+
+Every problem is reported with the file and line it comes from. Bad lines
+stop the run unless the caller passes `skip_invalid=True`, in which case they
+are counted in the returned `ReadReport` and never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: str
+    target: str
+    origin: str  # "file:line", for messages
+
+
+@dataclass
+class ReadReport:
+    read: int = 0
+    skipped: int = 0
+    first_problems: list[str] = field(default_factory=list)
+
+    def skip(self, message: str) -> None:
+        self.skipped += 1
+        if len(self.first_problems) < 5:
+            self.first_problems.append(message)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """Yield (line number, text, error) for each line, decoding UTF-8 per line.
+
+    A byte-order mark at the start of the file and CR/LF line ends are removed.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            try:
+                yield number, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield number, None, f"invalid UTF-8 at byte {e.start} of the line"
+
+
+def _check(source: str, target: str, origin: str) -> str | None:
+    if not source.strip():
+        return f"{origin}: empty source"
+    if not target.strip():
+        return f"{origin}: empty target"
+    return None
+
+
+def _emit(pairs: list[Pair], report: ReadReport, skip_invalid: bool, problem: str | None,
+          pair: Pair | None) -> None:
+    if problem is None:
+        pairs.append(pair)
+        report.read += 1
+    elif skip_invalid:
+        report.skip(problem)
+    else:
+        raise DataError(problem + " (set data.skip_invalid: true to skip such lines)")
+
+
+def read_tsv(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
+    pairs: list[Pair] = []
+    report = ReadReport()
+    for number, text, error in _lines(path):
+        origin = f"{path}:{number}"
+        if error:
+            _emit(pairs, report, skip_invalid, f"{origin}: {error}", None)
+            continue
+        if "\t" not in text:
+            _emit(pairs, report, skip_invalid, f"{origin}: no tab; expected source<TAB>target", None)
+            continue
+        parts = text.split("\t")
+        if len(parts) != 2:
+            _emit(pairs, report, skip_invalid,
+                  f"{origin}: {len(parts) - 1} tabs; expected exactly one (source<TAB>target)", None)
+            continue
+        source, target = parts
+        _emit(pairs, report, skip_invalid, _check(source, target, origin), Pair(source, target, origin))
+    return pairs, report
+
+
+def read_jsonl(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
+    pairs: list[Pair] = []
+    report = ReadReport()
+    for number, text, error in _lines(path):
+        origin = f"{path}:{number}"
+        if error:
+            _emit(pairs, report, skip_invalid, f"{origin}: {error}", None)
+            continue
+        if not text.strip():
+            _emit(pairs, report, skip_invalid, f"{origin}: empty line; expected a JSON object", None)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            _emit(pairs, report, skip_invalid, f"{origin}: not valid JSON ({e.msg})", None)
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) \
+                or not isinstance(obj.get("target"), str):
+            _emit(pairs, report, skip_invalid,
+                  f'{origin}: expected an object with string fields "source" and "target"', None)
+            continue
+        source, target = obj["source"], obj["target"]
+        _emit(pairs, report, skip_invalid, _check(source, target, origin), Pair(source, target, origin))
+    return pairs, report
+
+
+def read_aligned(src_path: Path, tgt_path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
+    """Two files with one segment per line, line i of one aligned with line i of the other."""
+    pairs: list[Pair] = []
+    report = ReadReport()
+    src_lines, tgt_lines = _lines(src_path), _lines(tgt_path)
+    while True:
+        s = next(src_lines, None)
+        t = next(tgt_lines, None)
+        if s is None and t is None:
+            break
+        if s is None or t is None:
+            longer, shorter = (tgt_path, src_path) if s is None else (src_path, tgt_path)
+            number = (t or s)[0]
+            # Misaligned files cannot be repaired by skipping: always an error.
+            raise DataError(f"{longer}:{number}: {shorter} has only {number - 1} lines; "
+                            "line-aligned files must have the same number of lines")
+        number = s[0]
+        origin = f"{src_path}:{number}"
+        if s[2] or t[2]:
+            bad_path, bad = (src_path, s) if s[2] else (tgt_path, t)
+            _emit(pairs, report, skip_invalid, f"{bad_path}:{number}: {bad[2]}", None)
+            continue
+        problem = None
+        if not s[1].strip():
+            problem = f"{src_path}:{number}: empty source"
+        elif not t[1].strip():
+            problem = f"{tgt_path}:{number}: empty target"
+        _emit(pairs, report, skip_invalid, problem, Pair(s[1], t[1], origin))
+    return pairs, report
+
+
+def read_pairs(spec: str, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
+    """Read parallel data named by `spec`: `file.tsv`, `file.jsonl` or `src_file|tgt_file`."""
+    if "|" in spec:
+        src, tgt = spec.split("|", 1)
+        return read_aligned(Path(src), Path(tgt), skip_invalid)
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, skip_invalid)
+    return read_tsv(path, skip_invalid)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Plain input lines (e.g. sources to translate); empty lines are kept."""
+    out = []
+    for number, text, error in _lines(path):
+        if error:
+            raise DataError(f"{path}:{number}: {error}")
+        out.append(text)
+    return out

@@ -1,0 +1,18 @@
+"""Model families. Each family is a config dataclass plus a builder; the
+config's `family` field picks the pair from the tables below."""
+from __future__ import annotations
+
+from transduce.models.transformer import Transformer, TransformerConfig
+
+# family name -> config dataclass (read by the config loader)
+MODEL_CONFIGS = {
+    "transformer": TransformerConfig,
+}
+
+
+def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int):
+    """Build the model for `cfg` (a family config) with fresh weights."""
+    builders = {
+        "transformer": Transformer,
+    }
+    return builders[cfg.family](cfg, src_vocab_size, tgt_vocab_size)

@@ -1,0 +1,45 @@
+"""The interface every model family implements.
+
+Training calls `forward(batch) -> logits (B, T, V)` aligned with
+`batch.labels`. Search calls, without knowing the family:
+
+    memory = model.encode(src, src_mask)                 # once per batch
+    state = model.init_state(memory, beam, max_len)      # rows = B * beam
+    logits, state = model.step(tokens, state)            # one new position per row
+    state = model.reorder_state(state, rows, batch)      # after beam selection / dropping finished
+
+A family without a decoder (encoder-only with a head) sets `can_decode = False`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EncoderOutput:
+    states: torch.Tensor  # (B, S, D)
+    mask: torch.Tensor    # (B, S) True at real source positions
+
+
+class EncoderDecoderModel(nn.Module):
+    can_decode = True
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor):
+        raise NotImplementedError
+
+    def init_state(self, memory, beam: int, max_len: int, record_attention: bool = False):
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state):
+        raise NotImplementedError
+
+    def reorder_state(self, state, rows: torch.Tensor | None, batch: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Sizes and counts for `transduce info`."""
+        n = sum(p.numel() for p in self.parameters())
+        return {"parameters": n}

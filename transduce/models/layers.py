@@ -1,0 +1,143 @@
+"""Transformer building blocks shared by every attention-based family."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    """(n, d) fixed sinusoidal position encodings (Vaswani et al. 2017)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: d // 2])
+    return table
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by sqrt(d), plus sinusoidal or learned positions, then dropout."""
+
+    def __init__(self, vocab: int, d: int, positions: str, max_positions: int, dropout: float,
+                 tokens: nn.Embedding | None = None):
+        super().__init__()
+        self.tokens = tokens if tokens is not None else nn.Embedding(vocab, d, padding_idx=0)
+        self.scale = math.sqrt(d)
+        if positions == "learned":
+            self.positions = nn.Embedding(max_positions, d)
+        else:
+            self.positions = None
+            self.register_buffer("table", sinusoidal_table(max_positions, d), persistent=False)
+        self.max_positions = max_positions
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        # ids (B, T) -> (B, T, D); positions start..start+T-1
+        t = ids.shape[1]
+        if start + t > self.max_positions:
+            raise ValueError(f"sequence of {start + t} positions exceeds model.max_positions={self.max_positions}")
+        if self.positions is not None:
+            pos = self.positions.weight[start: start + t]
+        else:
+            pos = self.table[start: start + t]
+        return self.dropout(self.tokens(ids) * self.scale + pos)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on `F.scaled_dot_product_attention`.
+
+    Self-attention projects q, k, v with one matmul; cross-attention projects
+    k, v of the memory once (`project_kv`) and reuses them at every step.
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float, cross: bool):
+        super().__init__()
+        assert d % heads == 0, "d_model must be divisible by heads"
+        self.h, self.dh = heads, d // heads
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(d, d)
+            self.kv = nn.Linear(d, 2 * d)
+        else:
+            self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, D) -> (B, H, T, dh)
+        return x.view(b, t, self.h, self.dh).transpose(1, 2)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = x.shape  # (B, H, T, dh) -> (B, T, D)
+        return x.transpose(1, 2).reshape(b, t, self.h * self.dh)
+
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return self.split(k), self.split(v)
+
+    def project_qkv(self, x: torch.Tensor):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.split(q), self.split(k), self.split(v)
+
+    def attend(self, q, k, v, mask=None, causal=False, weights: list | None = None) -> torch.Tensor:
+        """q (B, H, Tq, dh), k/v (B, H, Tk, dh), mask broadcastable to (B, H, Tq, Tk), True = attend."""
+        p = self.dropout if self.training else 0.0
+        if weights is not None:
+            # Explicit softmax so the weights can be returned (attention inspection only).
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
+            if causal:
+                tq, tk = scores.shape[-2:]
+                mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(-1)
+            weights.append(probs)
+            return probs @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, ff: int, dropout: float, activation: str):
+        super().__init__()
+        self.up = nn.Linear(d, ff)
+        self.down = nn.Linear(ff, d)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.down(self.dropout(self.act(self.up(x))))
+
+
+class Residual(nn.Module):
+    """x + dropout(f(norm(x))) for pre-norm, norm(x + dropout(f(x))) for post-norm."""
+
+    def __init__(self, d: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, x, f):
+        if self.pre_norm:
+            return x + self.dropout(f(self.norm(x)))
+        return self.norm(x + self.dropout(f(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linear weights, N(0, 1/d) embeddings (scaled up by sqrt(d) in use), zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, m.embedding_dim ** -0.5)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

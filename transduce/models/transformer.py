@@ -1,0 +1,219 @@
+"""Transformer encoder-decoder (Vaswani et al. 2017) with a key/value cache for search."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from transduce.models.base import EncoderDecoderModel, EncoderOutput
+from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights
+
+
+@dataclass
+class TransformerConfig:
+    family: Literal["transformer"] = "transformer"
+    d_model: int = 256               # width of every layer
+    heads: int = 4                   # attention heads; d_model must divide by it
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    ff_dim: int = 1024               # inner width of the feed-forward blocks
+    dropout: float = 0.1             # on embeddings, residual branches and feed-forward
+    attention_dropout: float = 0.0   # on attention probabilities
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["pre", "post"] = "pre"  # pre-norm trains stably without long warmup
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    max_positions: int = 1024        # longest source or target the model accepts
+    share_embeddings: bool = False   # one embedding table (and vocabulary) for source and target
+    tie_output: bool = True          # output projection shares the target embedding weights
+
+    def validate(self) -> None:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        if min(self.d_model, self.heads, self.ff_dim, self.max_positions) <= 0:
+            raise ValueError("d_model, heads, ff_dim and max_positions must be positive")
+        if self.encoder_layers < 1 or self.decoder_layers < 1:
+            raise ValueError("encoder_layers and decoder_layers must be at least 1")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.attention_dropout < 1.0):
+            raise ValueError("dropout values must be in [0, 1)")
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: TransformerConfig):
+        super().__init__()
+        pre = c.norm == "pre"
+        self.attn = Attention(c.d_model, c.heads, c.attention_dropout, cross=False)
+        self.ff = FeedForward(c.d_model, c.ff_dim, c.dropout, c.activation)
+        self.r1 = Residual(c.d_model, c.dropout, pre)
+        self.r2 = Residual(c.d_model, c.dropout, pre)
+
+    def forward(self, x, mask):
+        # x (B, S, D); mask (B, 1, 1, S)
+        def self_attention(h):
+            q, k, v = self.attn.project_qkv(h)
+            return self.attn.out(self.attn.merge(self.attn.attend(q, k, v, mask)))
+
+        x = self.r1(x, self_attention)
+        return self.r2(x, self.ff)
+
+
+def cross_attend(attn: Attention, q, k, v, mask, beam: int, weights: list | None):
+    """q (B*beam, H, Tq, dh) against memory k/v (B, H, S, dh) without copying memory per beam.
+
+    The beams of one source are folded into the query axis: (B, H, beam*Tq, dh).
+    """
+    n, h, tq, dh = q.shape
+    b = n // beam
+    if beam > 1:
+        q = q.view(b, beam, h, tq, dh).permute(0, 2, 1, 3, 4).reshape(b, h, beam * tq, dh)
+    out = attn.attend(q, k, v, mask, weights=weights)
+    if beam > 1:
+        out = out.view(b, h, beam, tq, dh).permute(0, 2, 1, 3, 4).reshape(n, h, tq, dh)
+        if weights is not None:
+            s = weights[-1].shape[-1]
+            weights[-1] = weights[-1].view(b, h, beam, tq, s).permute(0, 2, 1, 3, 4).reshape(n, h, tq, s)
+    return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: TransformerConfig):
+        super().__init__()
+        pre = c.norm == "pre"
+        self.self_attn = Attention(c.d_model, c.heads, c.attention_dropout, cross=False)
+        self.cross_attn = Attention(c.d_model, c.heads, c.attention_dropout, cross=True)
+        self.ff = FeedForward(c.d_model, c.ff_dim, c.dropout, c.activation)
+        self.r1 = Residual(c.d_model, c.dropout, pre)
+        self.r2 = Residual(c.d_model, c.dropout, pre)
+        self.r3 = Residual(c.d_model, c.dropout, pre)
+
+    def forward(self, x, mem_k, mem_v, src_mask, cache=None, t: int = 0, beam: int = 1, weights=None):
+        # x (N, T, D). Without cache: causal over T. With cache (k, v buffers
+        # (N, H, Tmax, dh)): T == 1, the new position is written at t.
+        a = self.self_attn
+
+        def self_attention(h):
+            q, k, v = a.project_qkv(h)
+            if cache is None:
+                o = a.attend(q, k, v, causal=True)
+            else:
+                ck, cv = cache
+                ck[:, :, t: t + 1] = k
+                cv[:, :, t: t + 1] = v
+                o = a.attend(q, ck[:, :, : t + 1], cv[:, :, : t + 1])
+            return a.out(a.merge(o))
+
+        def cross_attention(h):
+            q = self.cross_attn.split(self.cross_attn.q(h))
+            o = cross_attend(self.cross_attn, q, mem_k, mem_v, src_mask, beam, weights)
+            return self.cross_attn.out(self.cross_attn.merge(o))
+
+        x = self.r1(x, self_attention)
+        x = self.r2(x, cross_attention)
+        return self.r3(x, self.ff)
+
+
+@dataclass
+class TransformerState:
+    mem_kv: list                # per layer (k, v), each (B, H, S, dh): projected once
+    src_mask: torch.Tensor      # (B, 1, 1, S)
+    cache: list                 # per layer (k, v) buffers, each (B*beam, H, max_len, dh)
+    t: int                      # positions decoded so far
+    beam: int
+    attention: list | None      # if recording: per step, per layer (N, H, S) cross-attention
+
+
+class Transformer(EncoderDecoderModel):
+    def __init__(self, c: TransformerConfig, src_vocab: int, tgt_vocab: int):
+        super().__init__()
+        self.config = c
+        d = c.d_model
+        tgt_tokens = nn.Embedding(tgt_vocab, d, padding_idx=0)
+        if c.share_embeddings:
+            if src_vocab != tgt_vocab:
+                raise ValueError("share_embeddings needs one vocabulary for source and target")
+            src_tokens = tgt_tokens
+        else:
+            src_tokens = nn.Embedding(src_vocab, d, padding_idx=0)
+        self.src_embed = Embedding(src_vocab, d, c.positions, c.max_positions, c.dropout, src_tokens)
+        self.tgt_embed = Embedding(tgt_vocab, d, c.positions, c.max_positions, c.dropout, tgt_tokens)
+        self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
+        pre = c.norm == "pre"
+        self.enc_norm = nn.LayerNorm(d) if pre else nn.Identity()
+        self.dec_norm = nn.LayerNorm(d) if pre else nn.Identity()
+        self.output = nn.Linear(d, tgt_vocab, bias=False)
+        init_weights(self)
+        if c.tie_output:
+            self.output.weight = tgt_tokens.weight
+
+    # -- training -----------------------------------------------------------
+    def forward(self, batch) -> torch.Tensor:
+        memory = self.encode(batch.src, batch.src_mask)
+        mask = memory.mask[:, None, None, :]
+        x = self.tgt_embed(batch.tgt_in)  # (B, T, D)
+        for layer in self.decoder:
+            k, v = layer.cross_attn.project_kv(memory.states)
+            x = layer(x, k, v, mask)
+        return self.output(self.dec_norm(x))  # (B, T, V)
+
+    # -- search interface ---------------------------------------------------
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
+        # src (B, S) ids; src_mask (B, S) True at real tokens
+        assert src.shape == src_mask.shape and src.dim() == 2, (src.shape, src_mask.shape)
+        x = self.src_embed(src)
+        mask = src_mask[:, None, None, :]
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return EncoderOutput(self.enc_norm(x), src_mask)
+
+    def init_state(self, memory: EncoderOutput, beam: int, max_len: int,
+                   record_attention: bool = False) -> TransformerState:
+        b = memory.states.shape[0]
+        c = self.config
+        dh = c.d_model // c.heads
+        mem_kv = [layer.cross_attn.project_kv(memory.states) for layer in self.decoder]
+        like = memory.states
+        cache = [(like.new_zeros(b * beam, c.heads, max_len, dh), like.new_zeros(b * beam, c.heads, max_len, dh))
+                 for _ in self.decoder]
+        return TransformerState(mem_kv, memory.mask[:, None, None, :], cache, 0, beam,
+                                [] if record_attention else None)
+
+    def step(self, tokens: torch.Tensor, state: TransformerState) -> tuple[torch.Tensor, TransformerState]:
+        # tokens (N,) with N = B * beam -> logits (N, V)
+        x = self.tgt_embed(tokens[:, None], start=state.t)
+        weights = [] if state.attention is not None else None
+        for layer, (k, v), cache in zip(self.decoder, state.mem_kv, state.cache):
+            x = layer(x, k, v, state.src_mask, cache=cache, t=state.t, beam=state.beam, weights=weights)
+        if weights is not None:
+            state.attention.append([w[:, :, 0] for w in weights])  # per layer (N, H, S)
+        state.t += 1
+        return self.output(self.dec_norm(x[:, 0])), state
+
+    def reorder_state(self, state: TransformerState, rows: torch.Tensor | None,
+                      batch: torch.Tensor | None = None) -> TransformerState:
+        """Keep cache rows `rows` (beam selection); keep sources `batch` (finished ones dropped)."""
+        if batch is not None:
+            state.mem_kv = [(k.index_select(0, batch), v.index_select(0, batch)) for k, v in state.mem_kv]
+            state.src_mask = state.src_mask.index_select(0, batch)
+        if rows is not None:
+            t = state.t
+            new_cache = []
+            for k, v in state.cache:
+                if rows.numel() == k.shape[0]:
+                    k[:, :, :t] = k[rows, :, :t]
+                    v[:, :, :t] = v[rows, :, :t]
+                else:
+                    k, v = k.index_select(0, rows), v.index_select(0, rows)
+                new_cache.append((k, v))
+            state.cache = new_cache
+        return state
+
+    def describe(self) -> dict:
+        c = self.config
+        return {
+            "family": c.family,
+            "d_model": c.d_model, "heads": c.heads, "ff_dim": c.ff_dim,
+            "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers,
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }

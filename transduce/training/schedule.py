@@ -1,0 +1,26 @@
+"""Learning-rate schedules as a pure function of the update number."""
+from __future__ import annotations
+
+import math
+
+from transduce.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """Learning rate for update `step` (0-based): linear warmup, then decay.
+
+    inverse_sqrt: lr * sqrt(warmup / step) after warmup.
+    cosine: from lr down to lr * min_lr_ratio at `total_steps` (needs max_steps).
+    """
+    warm = max(1, cfg.warmup_steps)
+    s = step + 1
+    if s <= warm:
+        return cfg.lr * s / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(warm / s)
+    total = max(total_steps or cfg.max_steps, warm + 1)
+    progress = min(1.0, (s - warm) / (total - warm))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
