@@ -93,15 +93,17 @@ def _evaluate(args) -> int:
 
 
 def _info(args) -> int:
+    from transduce.checkpoint import checkpoint_dir, read_json
     from transduce.inference import load_run
 
     run = load_run(args.run_dir)
+    last = read_json(checkpoint_dir(Path(args.run_dir), "last") / "state.json")
     info = {
         **run.model.describe(),
         "source_vocab": len(run.source.vocab), "target_vocab": len(run.target.vocab),
         "source_tokenizer": run.source.tokenizer.kind, "target_tokenizer": run.target.tokenizer.kind,
-        "checkpoint": str(run.checkpoint),
-        "training": {k: run.state.get(k) for k in ("step", "epoch", "elapsed_s", "tokens", "best", "best_step")},
+        "best_checkpoint": str(run.checkpoint),
+        "training": {k: last.get(k) for k in ("step", "epoch", "elapsed_s", "tokens", "best", "best_step")},
     }
     print(json.dumps(info, indent=1))
     return 0

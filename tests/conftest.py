@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny seeded models of every family and toy data."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from transduce.data.pipeline import Batch, pad
+from transduce.data.vocab import BOS, EOS, PAD
+from transduce.models import build_model
+from transduce.models.transformer import TransformerConfig
+
+SRC_V, TGT_V = 13, 11
+
+
+def tiny_transformer(**kw):
+    c = dict(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, ff_dim=64, dropout=0.0,
+             max_positions=64)
+    c.update(kw)
+    return TransformerConfig(**c)
+
+
+# name -> config factory; every family added to transduce gets an entry here
+# so the shared model checks in test_models.py run on it.
+TINY_MODELS = {
+    "transformer-prenorm": lambda: tiny_transformer(),
+    "transformer-postnorm-learned": lambda: tiny_transformer(norm="post", positions="learned"),
+    "transformer-shared": lambda: tiny_transformer(share_embeddings=True),
+}
+
+
+def vocab_sizes(name: str) -> tuple[int, int]:
+    shared = getattr(TINY_MODELS[name](), "share_embeddings", False)
+    return (TGT_V if shared else SRC_V), TGT_V
+
+
+def make_model(name: str, seed: int = 0, tgt_v: int | None = None):
+    torch.manual_seed(seed)
+    cfg = TINY_MODELS[name]()
+    src_v, default_tgt = vocab_sizes(name)
+    tgt_v = tgt_v or default_tgt
+    model = build_model(cfg, tgt_v if getattr(cfg, "share_embeddings", False) else src_v, tgt_v)
+    # Random, non-trivial weights everywhere (fresh init zeroes biases).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(params=list(TINY_MODELS))
+def model_name(request):
+    return request.param
+
+
+def random_batch(b: int = 4, seed: int = 0, src_v: int = SRC_V, tgt_v: int = TGT_V) -> Batch:
+    g = random.Random(seed)
+    srcs = [[g.randrange(4, src_v) for _ in range(g.randint(2, 9))] for _ in range(b)]
+    tgts = [[g.randrange(4, tgt_v) for _ in range(g.randint(1, 8))] for _ in range(b)]
+    src = pad(srcs)
+    return Batch(src, src != PAD, pad([[BOS] + t for t in tgts]), pad([t + [EOS] for t in tgts]))

@@ -1,0 +1,115 @@
+"""A short end-to-end CLI run on a slice of cmudict: train, resume, translate, evaluate, info."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.cmudict.max_words=1500", "model.d_model=32", "model.ff_dim=64", "model.heads=2",
+        "model.encoder_layers=1", "model.decoder_layers=1", "train.warmup_steps=10",
+        "train.batch_tokens=800", "train.log_every=5", "train.eval_every=10", "train.eval_max_items=30",
+        "train.max_minutes=0", "train.threads=1"]
+
+
+def cli(*args, stdin: str | None = None, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "transduce", *args], input=stdin, capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"transduce {args} failed:\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    sets = [a for s in TINY + ["train.max_steps=20"] for a in ("--set", s)]
+    p = cli("train", "recipes/g2p_cmudict.yaml", "--out", str(out), *sets)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["step"] == 20
+    return out
+
+
+def test_train_writes_run_dir(run_dir):
+    for f in ("config.yaml", "source_codec.json", "target_codec.json", "metrics.jsonl", "checkpoints/index.json"):
+        assert (run_dir / f).is_file(), f
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [5, 10, 15, 20]
+    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in steps)
+    assert [r["step"] for r in records if "dev" in r] == [10, 20]
+    assert set(records[-1]["dev"]) == {"wer", "per", "wer_nostress", "per_nostress"}
+
+
+def test_resume_continues_from_last_checkpoint(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    sets = [a for s in TINY + ["train.max_steps=30"] for a in ("--set", s)]
+    p = cli("train", "recipes/g2p_cmudict.yaml", "--out", str(copy), *sets)
+    assert "resuming" in p.stderr and "from step 20" in p.stderr
+    records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
+    # A changed model is refused, naming what differs.
+    p = cli("train", "recipes/g2p_cmudict.yaml", "--out", str(copy),
+            *[a for s in TINY + ["model.d_model=64"] for a in ("--set", s)], check=False)
+    assert p.returncode == 2 and "model.d_model: 32 -> 64" in p.stderr
+
+
+def test_translate_keeps_order_and_empty_lines(run_dir):
+    p = cli("translate", "--model", str(run_dir), "--beam", "2", stdin="cat\n\nphoneme\ncat\n")
+    lines = p.stdout.split("\n")
+    assert len(lines) == 5 and lines[4] == "" and lines[1] == "" and lines[0] == lines[3]
+    nb = cli("translate", "--model", str(run_dir), "--beam", "3", "--nbest", "3", stdin="cat\n")
+    assert len(nb.stdout.strip("\n").split("\t")) == 3
+
+
+def test_evaluate_prints_json_last(run_dir, tmp_path):
+    test = tmp_path / "t.tsv"
+    test.write_text("cat\tK AE1 T\ndog\tD AO1 G\ncat\tK AE2 T\n")
+    p = cli("evaluate", "--model", str(run_dir), "--data", str(test), "--beam", "1")
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["items"] == 2 and 0 <= result["wer"] <= 100 and "per" in result
+
+
+def test_info(run_dir):
+    info = json.loads(cli("info", str(run_dir)).stdout)
+    assert info["family"] == "transformer" and info["d_model"] == 32 and info["parameters"] > 0
+    assert info["source_vocab"] > 20 and info["target_vocab"] > 40 and info["training"]["step"] == 20
+
+
+def test_help_lists_every_command():
+    out = cli("--help").stdout
+    for c in ("train", "translate", "evaluate", "info"):
+        assert c in out
+    assert "--nbest" in cli("translate", "--help").stdout
+
+
+@pytest.mark.parametrize("remove", ["config.yaml", "target_codec.json", "checkpoints/index.json",
+                                    "MODEL"])
+def test_missing_run_files_are_named(run_dir, tmp_path, remove):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    if remove == "MODEL":
+        index = json.loads((copy / "checkpoints" / "index.json").read_text())
+        target = copy / "checkpoints" / index["best"] / "model.safetensors"
+    else:
+        target = copy / remove
+    target.unlink()
+    p = cli("translate", "--model", str(copy), stdin="cat\n", check=False)
+    assert p.returncode == 2
+    assert str(target) in p.stderr and "missing" in p.stderr, p.stderr
+
+
+def test_bad_data_stops_before_training(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("cat\tK AE1 T\ndog D AO1 G\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{family: transformer, d_model: 32, heads: 2}}\ndata: {{train: {bad}}}\n")
+    p = cli("train", str(cfg), "--out", str(tmp_path / "r"), check=False)
+    assert p.returncode == 2 and f"{bad}:2: no tab" in p.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
