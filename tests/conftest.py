@@ -9,6 +9,7 @@ import torch
 from transduce.data.pipeline import Batch, pad
 from transduce.data.vocab import BOS, EOS, PAD
 from transduce.models import build_model
+from transduce.models.rnn import RNNConfig
 from transduce.models.transformer import TransformerConfig
 
 SRC_V, TGT_V = 13, 11
@@ -21,12 +22,23 @@ def tiny_transformer(**kw):
     return TransformerConfig(**c)
 
 
+def tiny_rnn(**kw):
+    c = dict(embedding_dim=16, encoder_hidden=16, hidden_size=24, encoder_layers=2, decoder_layers=2,
+             dropout=0.0, attention_dim=20)
+    c.update(kw)
+    return RNNConfig(**c)
+
+
 # name -> config factory; every family added to transduce gets an entry here
 # so the shared model checks in test_models.py run on it.
 TINY_MODELS = {
     "transformer-prenorm": lambda: tiny_transformer(),
     "transformer-postnorm-learned": lambda: tiny_transformer(norm="post", positions="learned"),
     "transformer-shared": lambda: tiny_transformer(share_embeddings=True),
+    "lstm-bahdanau": lambda: tiny_rnn(cell="lstm", attention="bahdanau"),
+    "gru-none": lambda: tiny_rnn(cell="gru", attention="none", bidirectional=False, decoder_layers=1),
+    "lstm-luong-general-feed": lambda: tiny_rnn(cell="lstm", attention="luong_general", input_feeding=True),
+    "gru-luong-dot": lambda: tiny_rnn(cell="gru", attention="luong_dot", encoder_hidden=12, hidden_size=24),
 }
 
 

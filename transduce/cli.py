@@ -54,6 +54,10 @@ def _translate(args) -> int:
             lines.append("\t".join(hyps))
         else:
             lines.append(hyps[0])
+    if args.attention:
+        from transduce.attention import attention_records, write_jsonl
+
+        write_jsonl(attention_records(run, sources, [h[0] for h in outputs]), Path(args.attention))
     text = "".join(line + "\n" for line in lines)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
@@ -109,6 +113,25 @@ def _info(args) -> int:
     return 0
 
 
+def _attention(args) -> int:
+    from transduce.attention import cross_attention, plot_attention, select
+    from transduce.inference import load_run, translate
+
+    run = load_run(args.model)
+    output = args.target if args.target is not None else translate(run, [args.input], args.beam, 1)[0][0]
+    src_ids, out_ids = run.source.encode(args.input), run.target.encode(output)
+    if not src_ids:
+        raise ValueError("--input is empty")
+    att = cross_attention(run.model, src_ids, out_ids)
+    matrix, label = select(att, args.layer, args.head)
+    plot_attention(matrix, [run.source.vocab.itos[i] for i in src_ids],
+                   [run.target.vocab.itos[i] for i in out_ids] + ["</s>"],
+                   f"{args.input} -> {output}\n{run.config.model.family}: {label}", Path(args.output))
+    print(json.dumps({"input": args.input, "output": output, "plot": args.output, "shown": label,
+                      "layers": att.shape[0], "heads": att.shape[1]}))
+    return 0
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -143,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nbest", type=int, help="hypotheses per input, written tab-separated")
     tr.add_argument("--input", help="input file (default: stdin)")
     tr.add_argument("--output", help="output file (default: stdout)")
+    tr.add_argument("--attention", metavar="FILE.jsonl",
+                    help="also write each output's cross-attention (tokens and weights[layer][head][t][s])")
     tr.set_defaults(func=_translate)
 
     ev = sub.add_parser("evaluate", help="decode a test set and print metrics",
@@ -155,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--show", type=int, default=0, help="print this many examples before the metrics")
     decoding(ev)
     ev.set_defaults(func=_evaluate)
+
+    at = sub.add_parser("attention", help="draw the cross-attention of one decoded example",
+                        description="Decode --input (or use --target) and draw its cross-attention as a "
+                                    "heatmap: source tokens across, output tokens down. Needs matplotlib.")
+    at.add_argument("--model", required=True, help="run directory")
+    at.add_argument("--input", required=True, help="source text")
+    at.add_argument("--output", required=True, help="image file to write (.png, .svg, .pdf)")
+    at.add_argument("--target", help="show attention for this output instead of the decoded one")
+    at.add_argument("--layer", default="-1", help="decoder layer index (negative counts from the top) or 'mean'")
+    at.add_argument("--head", default="mean", help="attention head index or 'mean'")
+    at.add_argument("--beam", type=int, help="beam size for decoding --input")
+    at.set_defaults(func=_attention)
 
     info = sub.add_parser("info", help="describe a trained run",
                           description="Family, sizes, parameter count, vocabularies and training state.")

@@ -2,11 +2,13 @@
 config's `family` field picks the pair from the tables below."""
 from __future__ import annotations
 
+from transduce.models.rnn import RNNConfig, RNNSeq2Seq
 from transduce.models.transformer import Transformer, TransformerConfig
 
 # family name -> config dataclass (read by the config loader)
 MODEL_CONFIGS = {
     "transformer": TransformerConfig,
+    "rnn": RNNConfig,
 }
 
 
@@ -14,5 +16,6 @@ def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int):
     """Build the model for `cfg` (a family config) with fresh weights."""
     builders = {
         "transformer": Transformer,
+        "rnn": RNNSeq2Seq,
     }
     return builders[cfg.family](cfg, src_vocab_size, tgt_vocab_size)

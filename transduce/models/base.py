@@ -22,6 +22,7 @@ from torch import nn
 class EncoderOutput:
     states: torch.Tensor  # (B, S, D)
     mask: torch.Tensor    # (B, S) True at real source positions
+    final: torch.Tensor | None = None  # (B, D') summary for decoders that start from it (RNNs)
 
 
 class EncoderDecoderModel(nn.Module):

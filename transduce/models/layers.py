@@ -18,6 +18,32 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
     return table
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with the mask drawn from random bytes.
+
+    PyTorch's CPU dropout draws one float per element from a serial generator
+    (about 15 ns each, a quarter of a G2P training step here); filling int64s
+    gives 8 random bytes per draw, about ten times faster. The drop
+    probability is rounded to a multiple of 1/256 (0.1 -> 26/256).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        n = x.numel()
+        bytes_ = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_()
+        keep = bytes_.view(torch.uint8)[:n].view(x.shape) >= self.threshold
+        return x.masked_fill(~keep, 0.0) * (256.0 / (256 - self.threshold))
+
+    def extra_repr(self) -> str:
+        return f"p={self.threshold}/256"
+
+
 class Embedding(nn.Module):
     """Token embedding scaled by sqrt(d), plus sinusoidal or learned positions, then dropout."""
 
@@ -32,7 +58,7 @@ class Embedding(nn.Module):
             self.positions = None
             self.register_buffer("table", sinusoidal_table(max_positions, d), persistent=False)
         self.max_positions = max_positions
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         # ids (B, T) -> (B, T, D); positions start..start+T-1
@@ -105,7 +131,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(d, ff)
         self.down = nn.Linear(ff, d)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x):
         return self.down(self.dropout(self.act(self.up(x))))
@@ -117,7 +143,7 @@ class Residual(nn.Module):
     def __init__(self, d: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x, f):
