@@ -253,9 +253,11 @@ def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dic
                 state["elapsed_s"] = time.monotonic() - start_time
                 if _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience):
                     stop_reason = "patience"
+                window_tokens, window_start = 0, time.monotonic()  # tokens/s counts training only
             elif tc.save_every and state["step"] % tc.save_every == 0:
                 state["elapsed_s"] = time.monotonic() - start_time
                 checkpoint(best=False)
+                window_tokens, window_start = 0, time.monotonic()
             if stop_reason:
                 break
         else:
