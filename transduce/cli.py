@@ -44,10 +44,20 @@ def _read_inputs(args) -> list[str]:
 def _translate(args) -> int:
     from transduce.inference import load_run, translate
 
-    run = load_run(args.model)
     _threads(args.threads)
-    sources = _read_inputs(args)
-    outputs = translate(run, sources, args.beam, args.nbest, args.batch_size)
+    if args.engine == "ctranslate2":
+        from transduce.export.ctranslate2 import CT2Translator
+
+        if args.attention:
+            raise ValueError("--attention needs --engine torch")
+        ct2 = CT2Translator(args.model, threads=args.threads or 0)
+        sources = _read_inputs(args)
+        outputs = ct2.translate(sources, args.beam or ct2.decode_cfg["beam"], args.nbest or 1,
+                                args.batch_size or ct2.decode_cfg["batch_size"])
+    else:
+        run = load_run(args.model)
+        sources = _read_inputs(args)
+        outputs = translate(run, sources, args.beam, args.nbest, args.batch_size)
     lines = []
     for hyps in outputs:
         if args.nbest and args.nbest > 1:
@@ -132,6 +142,16 @@ def _attention(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from transduce.export.ctranslate2 import export
+    from transduce.inference import load_run
+
+    run = load_run(args.model)
+    out = export(run, args.out_dir, args.quantization)
+    print(json.dumps({"format": args.format, "quantization": args.quantization or "float32", "path": str(out)}))
+    return 0
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -164,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", required=True, help="run directory")
     decoding(tr)
     tr.add_argument("--nbest", type=int, help="hypotheses per input, written tab-separated")
+    tr.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch",
+                    help="decode with PyTorch (--model RUN_DIR) or CTranslate2 (--model EXPORT_DIR "
+                         "written by `transduce export`)")
     tr.add_argument("--input", help="input file (default: stdin)")
     tr.add_argument("--output", help="output file (default: stdout)")
     tr.add_argument("--attention", metavar="FILE.jsonl",
@@ -192,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--head", default="mean", help="attention head index or 'mean'")
     at.add_argument("--beam", type=int, help="beam size for decoding --input")
     at.set_defaults(func=_attention)
+
+    ex = sub.add_parser("export", help="export a trained model for another runtime",
+                        description="Write the model in another runtime's format (CTranslate2), with "
+                                    "the vocabularies; use it with `translate --engine ctranslate2`.")
+    ex.add_argument("--model", required=True, help="run directory")
+    ex.add_argument("--format", required=True, choices=["ctranslate2"], help="target format")
+    ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
+                    help="weight quantization (default: none, float32)")
+    ex.add_argument("out_dir", help="output directory (replaced if it exists)")
+    ex.set_defaults(func=_export)
 
     info = sub.add_parser("info", help="describe a trained run",
                           description="Family, sizes, parameter count, vocabularies and training state.")

@@ -1,0 +1,168 @@
+"""Export our Transformer to a CTranslate2 model, and decode with it.
+
+The spec is built with `ctranslate2.specs` directly from our weights (no
+converter in between). Our layout maps one to one: fused q/k/v in
+self-attention, q and fused k/v in cross-attention, sinusoidal (interleaved)
+or learned positions given to CTranslate2 as an explicit table, embeddings
+scaled by sqrt(d_model). Vocabulary symbols are written as the symbols' ids
+("0", "1", ...) so any symbol, including a space, survives the round trip;
+`CT2Translator` maps text to those ids and back with our codecs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from transduce.checkpoint import CheckpointError
+from transduce.data.vocab import SPECIALS, TextCodec
+
+CT2_SPECIALS = {0: "<blank>", 1: "<unk>", 2: "<s>", 3: "</s>"}  # CTranslate2's names for ours
+
+
+def _require():
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        raise RuntimeError("CTranslate2 export needs: pip install 'transduce[ctranslate2]'") from None
+
+
+def ct2_symbol(i: int) -> str:
+    return CT2_SPECIALS.get(i, str(i))
+
+
+def _np(t: torch.Tensor):
+    return t.detach().float().contiguous().numpy()
+
+
+def _linear(spec, linear: torch.nn.Linear) -> None:
+    spec.weight = _np(linear.weight)
+    if linear.bias is not None:
+        spec.bias = _np(linear.bias)
+
+
+def _norm(spec, norm: torch.nn.LayerNorm) -> None:
+    spec.gamma = _np(norm.weight)
+    spec.beta = _np(norm.bias)
+
+
+def _positions(embed) -> "object":
+    table = embed.positions.weight if embed.positions is not None else embed.table
+    return _np(table)
+
+
+def build_spec(model):
+    """A ctranslate2.specs.TransformerSpec holding the weights of our Transformer."""
+    _require()
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    c = model.config
+    if c.family != "transformer":
+        raise ValueError(f"CTranslate2 export supports the transformer family, not {c.family!r}")
+    spec = transformer_spec.TransformerSpec.from_config(
+        (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=c.norm == "pre",
+        activation=common_spec.Activation.GELU if c.activation == "gelu" else common_spec.Activation.RELU)
+    enc, dec = spec.encoder, spec.decoder
+    enc.embeddings[0].weight = _np(model.src_embed.tokens.weight)
+    enc.position_encodings.encodings = _positions(model.src_embed)
+    dec.embeddings.weight = _np(model.tgt_embed.tokens.weight)
+    dec.position_encodings.encodings = _positions(model.tgt_embed)
+    if c.norm == "pre":
+        _norm(enc.layer_norm, model.enc_norm)
+        _norm(dec.layer_norm, model.dec_norm)
+    for ours, theirs in zip(model.encoder, enc.layer):
+        _linear(theirs.self_attention.linear[0], ours.attn.qkv)
+        _linear(theirs.self_attention.linear[1], ours.attn.out)
+        _norm(theirs.self_attention.layer_norm, ours.r1.norm)
+        _linear(theirs.ffn.linear_0, ours.ff.up)
+        _linear(theirs.ffn.linear_1, ours.ff.down)
+        _norm(theirs.ffn.layer_norm, ours.r2.norm)
+    for ours, theirs in zip(model.decoder, dec.layer):
+        _linear(theirs.self_attention.linear[0], ours.self_attn.qkv)
+        _linear(theirs.self_attention.linear[1], ours.self_attn.out)
+        _norm(theirs.self_attention.layer_norm, ours.r1.norm)
+        _linear(theirs.attention.linear[0], ours.cross_attn.q)
+        _linear(theirs.attention.linear[1], ours.cross_attn.kv)
+        _linear(theirs.attention.linear[2], ours.cross_attn.out)
+        _norm(theirs.attention.layer_norm, ours.r2.norm)
+        _linear(theirs.ffn.linear_0, ours.ff.up)
+        _linear(theirs.ffn.linear_1, ours.ff.down)
+        _norm(theirs.ffn.layer_norm, ours.r3.norm)
+    dec.projection.weight = _np(model.output.weight)
+    return spec
+
+
+def export(run, out_dir: str | Path, quantization: str | None = None) -> Path:
+    """Write a CTranslate2 model of `run` (a LoadedRun) plus our codecs into `out_dir`."""
+    spec = build_spec(run.model)
+    spec.config.layer_norm_epsilon = 1e-5
+    spec.register_source_vocabulary([ct2_symbol(i) for i in range(len(run.source.vocab))])
+    spec.register_target_vocabulary([ct2_symbol(i) for i in range(len(run.target.vocab))])
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    spec.save(str(tmp))
+    (tmp / "source_codec.json").write_text(run.source.dumps(), encoding="utf-8")
+    (tmp / "target_codec.json").write_text(run.target.dumps(), encoding="utf-8")
+    (tmp / "transduce.json").write_text(json.dumps({
+        "format": "ctranslate2", "quantization": quantization or "float32",
+        "decode": run.config.decode.__dict__, "source_run": str(run.checkpoint)}, indent=1), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+class CT2Translator:
+    """Decode with an exported CTranslate2 model, mirroring our search settings."""
+
+    def __init__(self, path: str | Path, threads: int = 0, compute_type: str = "default"):
+        _require()
+        import ctranslate2
+
+        path = Path(path)
+        meta_path = path / "transduce.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{meta_path}: missing (not a transduce CTranslate2 export)")
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.source = TextCodec.from_dict(json.loads((path / "source_codec.json").read_text(encoding="utf-8")))
+        self.target = TextCodec.from_dict(json.loads((path / "target_codec.json").read_text(encoding="utf-8")))
+        self.translator = ctranslate2.Translator(str(path), device="cpu", compute_type=compute_type,
+                                                 intra_threads=threads, inter_threads=1)
+        self.decode_cfg = self.meta["decode"]
+
+    def translate_ids(self, sources: list[list[int]], beam: int, nbest: int = 1, batch_size: int = 200,
+                      per_source_limit: bool = True) -> list[list[list[int]]]:
+        """Output ids per source. `per_source_limit` applies our a*len+b limit exactly (one call per
+        length group); otherwise one limit per batch (faster, for long inputs it can differ)."""
+        a, b = self.decode_cfg["max_len_a"], self.decode_cfg["max_len_b"]
+        lp = self.decode_cfg["length_penalty"]
+        out: list[list[list[int]]] = [[[]] for _ in sources]
+        todo = sorted((i for i in range(len(sources)) if sources[i]), key=lambda i: len(sources[i]))
+        groups: list[list[int]] = []
+        for i in todo:
+            same = groups and len(groups[-1]) < batch_size and (
+                not per_source_limit or len(sources[groups[-1][0]]) == len(sources[i]))
+            if same:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        for idx in groups:
+            limit = max(1, int(a * max(len(sources[i]) for i in idx) + b))
+            results = self.translator.translate_batch(
+                [[ct2_symbol(t) for t in sources[i]] for i in idx], beam_size=beam, num_hypotheses=nbest,
+                max_decoding_length=limit, length_penalty=lp if beam > 1 else 0.0,
+                suppress_sequences=[[CT2_SPECIALS[0]], [CT2_SPECIALS[2]]], return_end_token=False)
+            for i, r in zip(idx, results):
+                out[i] = [[int(t) if t not in ("<unk>",) else 1 for t in hyp] for hyp in r.hypotheses]
+        return out
+
+    def translate(self, texts: list[str], beam: int = 1, nbest: int = 1, batch_size: int = 200) -> list[list[str]]:
+        ids = [self.source.encode(t) for t in texts]
+        return [[self.target.decode(h) for h in hyps] for hyps in self.translate_ids(ids, beam, nbest, batch_size)]
