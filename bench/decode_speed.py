@@ -1,0 +1,104 @@
+"""Decoding speed on the G2P test set: transduce (PyTorch) vs CTranslate2 (float32, int8) vs HF generate.
+
+    python bench/decode_speed.py --model runs/g2p [--threads 2] [--batch 200] [--limit 0]
+
+transduce and CTranslate2 run the same weights (exported with `transduce
+export`), with the same maximum lengths. Hugging Face `generate` runs a BART
+of the same sizes; it cannot load our pre-norm weights, so each of its
+batches is made to produce exactly as many steps as our longest output in
+that batch (min/max_new_tokens), the same work per batch. Prints words/s and
+ratios; needs the `bench` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from transduce.data.pipeline import group_references, load_splits
+from transduce.export.ctranslate2 import CT2Translator, export
+from transduce.inference import decode, load_run
+from transduce import metrics as M
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def hf_generate(run, src_ids, our_lengths, beam, batch):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    c = run.config.model
+    vocab = max(len(run.source.vocab), len(run.target.vocab))
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=vocab, d_model=c.d_model, encoder_layers=c.encoder_layers,
+                     decoder_layers=c.decoder_layers, encoder_attention_heads=c.heads,
+                     decoder_attention_heads=c.heads, encoder_ffn_dim=c.ff_dim, decoder_ffn_dim=c.ff_dim,
+                     max_position_embeddings=c.max_positions, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                     decoder_start_token_id=2, forced_eos_token_id=None)
+    model = BartForConditionalGeneration(cfg).eval()
+    order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
+    t = time.perf_counter()
+    with torch.no_grad():
+        for k in range(0, len(order), batch):
+            idx = order[k: k + batch]
+            width = max(len(src_ids[i]) for i in idx)
+            x = torch.zeros(len(idx), width, dtype=torch.long)
+            for r, i in enumerate(idx):
+                x[r, : len(src_ids[i])] = torch.tensor(src_ids[i])
+            steps = max(our_lengths[i] for i in idx) + 1
+            model.generate(input_ids=x, attention_mask=(x != 0).long(), num_beams=beam, do_sample=False,
+                           min_new_tokens=steps, max_new_tokens=steps, early_stopping=True)
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a trained transformer run directory")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--limit", type=int, default=0, help="use only this many test words (0 = all)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    run = load_run(args.model)
+    words, refs = group_references(load_splits(run.config.data).test)
+    if args.limit:
+        words, refs = words[: args.limit], refs[: args.limit]
+    src_ids = [run.source.encode(w) for w in words]
+    n = len(words)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ct2 = {q: CT2Translator(export(run, f"{tmp}/{q}", None if q == "float32" else q),
+                                threads=args.threads, compute_type=q) for q in ("float32", "int8")}
+        for beam in (1, 5):
+            hyps, dt = timed(lambda: decode(run, words, beam=beam, nbest=1, batch_size=args.batch))
+            ours = [h[0].tokens for h in hyps]
+            wer = M.compute(["wer"], [run.target.decode(t) for t in ours], refs)["wer"]
+            rows.append(("transduce (PyTorch)", beam, n / dt, wer))
+            for q, tr in ct2.items():
+                out, dt = timed(lambda: tr.translate_ids(src_ids, beam=beam, batch_size=args.batch,
+                                                         per_source_limit=False))
+                wer = M.compute(["wer"], [run.target.decode(h[0]) for h in out], refs)["wer"]
+                rows.append((f"CTranslate2 {q}", beam, n / dt, wer))
+            if not args.skip_hf:
+                dt = hf_generate(run, src_ids, [len(t) for t in ours], beam, args.batch)
+                rows.append(("HF generate (BART, matched steps)", beam, n / dt, float("nan")))
+    print(f"{n} test words, batch {args.batch}, {args.threads} threads")
+    print("| system | beam | words/s | test WER % |")
+    print("|---|---:|---:|---:|")
+    for name, beam, wps, wer in rows:
+        print(f"| {name} | {beam} | {wps:,.0f} | {'-' if wer != wer else f'{wer:.2f}'} |")
+    for beam in (1, 5):
+        ours = next(r[2] for r in rows if r[0].startswith("transduce") and r[1] == beam)
+        for name, b, wps, _ in rows:
+            if b == beam and not name.startswith("transduce"):
+                print(f"beam {beam}: transduce / {name} = {ours / wps:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
