@@ -9,6 +9,7 @@ import torch
 from transduce.data.pipeline import Batch, pad
 from transduce.data.vocab import BOS, EOS, PAD
 from transduce.models import build_model
+from transduce.models.lm import DecoderOnlyConfig, PrefixLMConfig
 from transduce.models.rnn import RNNConfig
 from transduce.models.transformer import TransformerConfig
 
@@ -29,6 +30,12 @@ def tiny_rnn(**kw):
     return RNNConfig(**c)
 
 
+def tiny_stack(config, **kw):
+    c = dict(d_model=32, heads=4, layers=2, ff_dim=64, dropout=0.0, max_positions=64)
+    c.update(kw)
+    return config(**c)
+
+
 # name -> config factory; every family added to transduce gets an entry here
 # so the shared model checks in test_models.py run on it.
 TINY_MODELS = {
@@ -39,6 +46,10 @@ TINY_MODELS = {
     "gru-none": lambda: tiny_rnn(cell="gru", attention="none", bidirectional=False, decoder_layers=1),
     "lstm-luong-general-feed": lambda: tiny_rnn(cell="lstm", attention="luong_general", input_feeding=True),
     "gru-luong-dot": lambda: tiny_rnn(cell="gru", attention="luong_dot", encoder_hidden=12, hidden_size=24),
+    "decoder-only": lambda: tiny_stack(DecoderOnlyConfig),
+    "decoder-only-postnorm-sinusoidal": lambda: tiny_stack(DecoderOnlyConfig, norm="post", positions="sinusoidal"),
+    "prefix-lm": lambda: tiny_stack(PrefixLMConfig),
+    "prefix-lm-untied-relu": lambda: tiny_stack(PrefixLMConfig, tie_output=False, activation="relu"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Command line: `transduce train | translate | evaluate | info`.
+"""Command line: `transduce train | translate | evaluate | generate | info`.
 
 A thin layer over importable functions; every option is documented in --help.
 """
@@ -84,7 +84,7 @@ def _evaluate(args) -> int:
     run = load_run(args.model)
     _threads(args.threads)
     if args.data:
-        pairs, _ = read_pairs(args.data)
+        pairs, _ = read_pairs(args.data, format=run.config.data.format)
         name = args.data
     else:
         splits = load_splits(run.config.data)
@@ -103,6 +103,18 @@ def _evaluate(args) -> int:
         shown += 1
     result = {"data": name, "items": len(sources), "beam": args.beam or run.config.decode.beam, **result}
     print(json.dumps(result))
+    return 0
+
+
+def _generate(args) -> int:
+    from transduce.inference import generate, load_run
+
+    run = load_run(args.model)
+    _threads(args.threads)
+    outputs = generate(run, args.prompt, beam=args.beam, num=args.num, sampling=args.sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       max_len=args.max_len)
+    sys.stdout.write("".join(o + "\n" for o in outputs))
     return 0
 
 
@@ -225,6 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight quantization (default: none, float32)")
     ex.add_argument("out_dir", help="output directory (replaced if it exists)")
     ex.set_defaults(func=_export)
+
+    ge = sub.add_parser("generate", help="continue a prompt (language models) or decode one input",
+                        description="Greedy, beam or sampled outputs for one --prompt, one per line. A run "
+                                    "trained on plain text (data.format: text) continues the prompt and "
+                                    "prints it with its continuation; a run trained on pairs reads it as "
+                                    "the source and prints targets.")
+    ge.add_argument("--model", required=True, help="run directory")
+    ge.add_argument("--prompt", default="", help="text to continue, or the source (default: empty)")
+    ge.add_argument("--beam", type=int, default=1, help="beam size without --sample (1 = greedy)")
+    ge.add_argument("--num", type=int, default=1, help="outputs to print: samples, or the n best of the beam")
+    ge.add_argument("--sample", action="store_true", help="draw tokens at random instead of searching")
+    ge.add_argument("--temperature", type=float, default=1.0,
+                    help="with --sample: <1 sharpens, >1 flattens the distribution; 0 = greedy")
+    ge.add_argument("--top-k", type=int, default=0, help="with --sample: draw among the k most probable (0 = all)")
+    ge.add_argument("--top-p", type=float, default=1.0,
+                    help="with --sample: draw among the most probable tokens covering this mass (1 = all)")
+    ge.add_argument("--seed", type=int, help="with --sample: random seed; the same seed gives the same outputs")
+    ge.add_argument("--max-len", type=int, help="most tokens to generate (default: decode.max_len_a/b of the run)")
+    ge.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    ge.set_defaults(func=_generate)
 
     info = sub.add_parser("info", help="describe a trained run",
                           description="Family, sizes, parameter count, vocabularies and training state.")

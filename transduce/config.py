@@ -50,11 +50,21 @@ class DataConfig:
     train: Optional[str] = None
     dev: Optional[str] = None
     test: Optional[str] = None
+    # "text": the files are plain text, one document per line, for a language
+    # model: the source is empty and the whole line is the target.
+    format: Literal["pairs", "text"] = "pairs"
     skip_invalid: bool = False       # skip (and count) bad lines instead of stopping
     max_source_len: int = 256        # longer training pairs are an error unless skip_invalid
     max_target_len: int = 256
     source_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     target_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self) -> None:
+        if self.format == "text" and self.dataset:
+            raise ValueError(f"format 'text' reads the files in data.train/dev/test; it does not apply "
+                             f"to dataset {self.dataset!r}")
+        if self.format == "text" and any("|" in (f or "") for f in (self.train, self.dev, self.test)):
+            raise ValueError("format 'text' takes one plain-text file per split, not 'src_file|tgt_file'")
 
 
 @dataclass
@@ -121,7 +131,7 @@ class EvalConfig:
     dev_beam: int = 1                # beam during training-time dev evaluation (greedy is cheap)
 
 
-METRIC_CHOICES = ("wer", "per", "wer_nostress", "per_nostress", "seq_acc", "cer", "bleu", "chrf")
+METRIC_CHOICES = ("wer", "per", "wer_nostress", "per_nostress", "seq_acc", "cer", "bleu", "chrf", "ppl")
 
 
 @dataclass
@@ -281,6 +291,16 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     except ConfigError as e:
         raise ConfigError(f"{source}: key {e}") from None
     cfg.model = model
+    if cfg.data.format == "text" and not getattr(model, "reads_without_source", False):
+        able = [f for f, c in MODEL_CONFIGS.items() if getattr(c, "reads_without_source", False)]
+        raise ConfigError(f"{source}: key data.format: 'text' (a language model, no source) needs a family "
+                          f"that reads without a source; valid choices for model.family: {', '.join(able)}")
+    fits = getattr(model, "validate_data", None)  # checks of the model against the data limits
+    if fits is not None:
+        try:
+            fits(cfg.data)
+        except ValueError as e:
+            raise ConfigError(f"{source}: key model: {e}") from None
     for m in cfg.eval.metrics:
         if m not in METRIC_CHOICES:
             raise ConfigError(f"{source}: key eval.metrics: invalid choice {m!r}; valid choices: "

@@ -88,8 +88,79 @@ def evaluate_pairs(run: LoadedRun, pairs, metrics: list[str], beam: int | None =
     from transduce import metrics as M
 
     sources, refs = group_references(pairs)
-    hyps = [h[0] for h in translate(run, sources, beam, 1, batch_size, model)]
-    return M.compute(metrics, hyps, refs), sources, hyps
+    decoded = [m for m in metrics if m != "ppl"]
+    hyps = [h[0] for h in translate(run, sources, beam, 1, batch_size, model)] if decoded else []
+    result = M.compute(decoded, hyps, refs) if decoded else {}
+    if "ppl" in metrics:
+        result["ppl"] = round(perplexity(run, pairs, model), 4)
+    return {m: result[m] for m in metrics}, sources, hyps
+
+
+@torch.no_grad()
+def perplexity(run: LoadedRun, pairs, model=None) -> float:
+    """exp(mean negative log-likelihood per target token, </s> included) under teacher forcing.
+
+    Every pair counts (not grouped by source); pairs over the data length
+    limits are skipped with a warning. No label smoothing.
+    """
+    import dataclasses
+    import math
+
+    import torch.nn.functional as F
+
+    from transduce.data.pipeline import encode_pairs, epoch_batches
+
+    model = model or run.model
+    cfg = run.config
+    data = encode_pairs(pairs, run.source, run.target, dataclasses.replace(cfg.data, skip_invalid=True), "eval")
+    nll, n = 0.0, 0
+    for _, batch in epoch_batches(data, cfg.train.batch_tokens, cfg.train.max_batch_pairs, 0, 0):
+        logits = model(batch)
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1),
+                                     ignore_index=PAD, reduction="sum"))
+        n += batch.n_tgt_tokens
+    if n == 0:
+        raise ValueError("perplexity: no pairs to score")
+    return math.exp(nll / n)
+
+
+def generate(run: LoadedRun, prompt: str, beam: int = 1, num: int = 1, sampling: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             max_len: int | None = None) -> list[str]:
+    """`num` outputs for one prompt, best (or first drawn) first.
+
+    A run trained on plain text (`data.format: text`) continues the prompt:
+    it is the start of the target, and the outputs include it. A run trained
+    on pairs reads the prompt as the source and writes targets. `max_len`
+    caps the tokens generated (default: decode.max_len_a/b of the run).
+    """
+    from transduce.search import ForcedPrefix, beam_search, greedy, sample
+
+    if num < 1 or beam < 1:
+        raise ValueError(f"need num >= 1 and beam >= 1 (got {num}, {beam})")
+    if sampling and beam > 1:
+        raise ValueError("sampling draws each output on its own; it takes no beam")
+    cfg = run.config.decode
+    if run.config.data.format == "text":
+        src_ids, prefix = [], run.target.encode(prompt)
+    else:
+        src_ids, prefix = run.source.encode(prompt), []
+        if not src_ids:
+            raise ValueError("--prompt is empty, but this run was trained on pairs: the prompt is its source")
+    model = ForcedPrefix(run.model, prefix) if prefix else run.model
+    a, b = (0.0, max_len) if max_len else (cfg.max_len_a, cfg.max_len_b)
+    src = torch.tensor([src_ids], dtype=torch.long)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    if sampling:
+        g = torch.Generator()
+        g.manual_seed(seed) if seed is not None else g.seed()
+        hyps = [h[0] for h in sample(model, src.repeat(num, 1), mask.repeat(num, 1), a, b, temperature,
+                                     top_k, top_p, g)]
+    elif beam == 1 and num == 1:
+        hyps = greedy(model, src, mask, a, b)[0]
+    else:
+        hyps = beam_search(model, src, mask, max(beam, num), num, cfg.length_penalty, a, b)[0]
+    return [run.target.decode(prefix + h.tokens) for h in hyps]
 
 
 def dumps_result(result: dict) -> str:

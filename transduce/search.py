@@ -1,8 +1,10 @@
 """Decoding as pure functions over the model's encode/step interface.
 
-Both searches encode once and then step the decoder one position at a time
+`greedy`, `beam_search` and `sample` encode once and then step the decoder one position at a time
 with its cache; sources that are finished are dropped from the batch so the
-remaining steps cost less. Neither knows which family the model is.
+remaining steps cost less. None knows which family the model is.
+`ForcedPrefix` makes every output start with given tokens (a prompt to
+continue) without the searches knowing.
 
 Output lengths: a hypothesis has at most `floor(a * source_length + b)`
 tokens before its </s>; at that length </s> is forced.
@@ -40,6 +42,52 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 def greedy(model, src: torch.Tensor, src_mask: torch.Tensor, max_len_a: float = 1.5,
            max_len_b: int = 10, length_penalty: float = 0.0) -> list[list[Hypothesis]]:
     """Most probable next token at each step. Returns one hypothesis per source."""
+    return _one_path(model, src, src_mask, max_len_a, max_len_b, length_penalty, lambda logp: logp.argmax(-1))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (N, V) with -inf outside the `top_k` largest (0 = keep all; ties with the k-th stay)
+    and outside the nucleus: the most probable tokens whose probabilities, before each, sum to
+    less than `top_p` (1.0 = keep all). The most probable token always stays."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ranked, order = logits.sort(dim=-1, descending=True)
+        probs = ranked.softmax(-1)
+        before = probs.cumsum(-1) - probs          # mass of the more probable tokens
+        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model, src: torch.Tensor, src_mask: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """One sampled output per source (repeat a source for several samples).
+
+    Each token is drawn from the model's distribution divided by
+    `temperature` (0 = always the most probable token, i.e. greedy), cut to
+    `top_k` and `top_p` by `filter_logits`. The same `generator` state gives
+    the same outputs. Hypothesis log-probabilities are under the model's own
+    distribution (temperature 1, no cut).
+    """
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
+                         f"(got {temperature}, {top_k}, {top_p})")
+
+    def draw(logp: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logp.argmax(-1)
+        probs = filter_logits(logp / temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    return _one_path(model, src, src_mask, max_len_a, max_len_b, 0.0, draw)
+
+
+def _one_path(model, src, src_mask, max_len_a, max_len_b, length_penalty, pick) -> list[list[Hypothesis]]:
+    """One hypothesis per source, the next token chosen by `pick(logp (rows, V)) -> (rows,)`."""
     b = src.shape[0]
     max_len = max_lengths(src_mask, max_len_a, max_len_b)
     memory = model.encode(src, src_mask)
@@ -53,7 +101,7 @@ def greedy(model, src: torch.Tensor, src_mask: torch.Tensor, max_len_a: float = 
         logits, state = model.step(last, state)
         logp = _log_probs(logits)                  # (rows, V)
         at_max = max_len[alive] == t
-        best = logp.argmax(-1)
+        best = pick(logp)
         best[at_max] = EOS
         logprob = logprob + logp.gather(1, best[:, None])[:, 0]
         done = best == EOS
@@ -159,3 +207,37 @@ def search(model, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig,
     if beam == 1 and nbest == 1:
         return greedy(model, src, src_mask, cfg.max_len_a, cfg.max_len_b, cfg.length_penalty)
     return beam_search(model, src, src_mask, beam, nbest, cfg.length_penalty, cfg.max_len_a, cfg.max_len_b)
+
+
+class ForcedPrefix:
+    """The model, seen by search as if every output started with `prefix` (a prompt to continue).
+
+    Search feeds <s> first; the first `step` of each search feeds <s> and the
+    prefix instead, and returns the logits after the last prefix token.
+    Hypotheses hold what follows the prefix; their log-probabilities are
+    conditional on it. Lengths limit what follows the prefix.
+    """
+
+    def __init__(self, model, prefix: list[int]):
+        self.model = model
+        self.prefix = list(prefix)
+        self.config = getattr(model, "config", None)
+        self._fresh = False
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor):
+        return self.model.encode(src, src_mask)
+
+    def init_state(self, memory, beam: int, max_len: int, record_attention: bool = False):
+        self._fresh = True
+        return self.model.init_state(memory, beam, max_len + len(self.prefix), record_attention)
+
+    def step(self, tokens: torch.Tensor, state):
+        if self._fresh:
+            self._fresh = False
+            for tok in self.prefix:   # tokens are <s> here
+                _, state = self.model.step(tokens, state)
+                tokens = torch.full_like(tokens, tok)
+        return self.model.step(tokens, state)
+
+    def reorder_state(self, state, rows: torch.Tensor | None, batch: torch.Tensor | None = None):
+        return self.model.reorder_state(state, rows, batch)

@@ -43,7 +43,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         if not spec:
             out[name] = []
             continue
-        pairs, report = read_pairs(spec, cfg.skip_invalid)
+        pairs, report = read_pairs(spec, cfg.skip_invalid, cfg.format)
         if report.skipped:
             log.warning("%s: skipped %d invalid lines of %d (data.skip_invalid); first: %s",
                         spec, report.skipped, report.read + report.skipped, report.first_problems[0])

@@ -1,4 +1,5 @@
-"""Readers for parallel data: TSV, JSONL and pairs of line-aligned files.
+"""Readers for parallel data: TSV, JSONL and pairs of line-aligned files;
+plain text (one document per line) for language models.
 
 Every problem is reported with the file and line it comes from. Bad lines
 stop the run unless the caller passes `skip_invalid=True`, in which case they
@@ -152,8 +153,25 @@ def read_aligned(src_path: Path, tgt_path: Path, skip_invalid: bool = False) -> 
     return pairs, report
 
 
-def read_pairs(spec: str, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
-    """Read parallel data named by `spec`: `file.tsv`, `file.jsonl` or `src_file|tgt_file`."""
+def read_text(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
+    """Plain text, one document per line, for a language model: each line is a target with an empty
+    source. Blank lines are passed over (they separate documents), as the MLM reader does."""
+    pairs: list[Pair] = []
+    report = ReadReport()
+    for number, text, error in _lines(path):
+        origin = f"{path}:{number}"
+        if error:
+            _emit(pairs, report, skip_invalid, f"{origin}: {error}", None)
+        elif text.strip():
+            _emit(pairs, report, skip_invalid, None, Pair("", text, origin))
+    return pairs, report
+
+
+def read_pairs(spec: str, skip_invalid: bool = False, format: str = "pairs") -> tuple[list[Pair], ReadReport]:
+    """Read data named by `spec`: `file.tsv`, `file.jsonl` or `src_file|tgt_file`; with
+    `format="text"`, a plain-text file (see `read_text`)."""
+    if format == "text":
+        return read_text(Path(spec), skip_invalid)
     if "|" in spec:
         src, tgt = spec.split("|", 1)
         return read_aligned(Path(src), Path(tgt), skip_invalid)

@@ -2,6 +2,7 @@
 config's `family` field picks the pair from the tables below."""
 from __future__ import annotations
 
+from transduce.models.lm import DecoderOnly, DecoderOnlyConfig, PrefixLM, PrefixLMConfig
 from transduce.models.rnn import RNNConfig, RNNSeq2Seq
 from transduce.models.transformer import Transformer, TransformerConfig
 
@@ -9,6 +10,8 @@ from transduce.models.transformer import Transformer, TransformerConfig
 MODEL_CONFIGS = {
     "transformer": TransformerConfig,
     "rnn": RNNConfig,
+    "decoder_only": DecoderOnlyConfig,
+    "prefix_lm": PrefixLMConfig,
 }
 
 
@@ -17,5 +20,7 @@ def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int):
     builders = {
         "transformer": Transformer,
         "rnn": RNNSeq2Seq,
+        "decoder_only": DecoderOnly,
+        "prefix_lm": PrefixLM,
     }
     return builders[cfg.family](cfg, src_vocab_size, tgt_vocab_size)

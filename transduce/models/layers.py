@@ -60,8 +60,15 @@ class Embedding(nn.Module):
         self.max_positions = max_positions
         self.dropout = Dropout(dropout)
 
-    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        # ids (B, T) -> (B, T, D); positions start..start+T-1
+    def forward(self, ids: torch.Tensor, start: int = 0, pos_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # ids (B, T) -> (B, T, D); positions start..start+T-1, or per token from pos_ids (B, T)
+        if pos_ids is not None:
+            assert pos_ids.shape == ids.shape, (pos_ids.shape, ids.shape)
+            n = int(pos_ids.max()) + 1 if pos_ids.numel() else 0
+            if n > self.max_positions:
+                raise ValueError(f"sequence of {n} positions exceeds model.max_positions={self.max_positions}")
+            table = self.positions.weight if self.positions is not None else self.table
+            return self.dropout(self.tokens(ids) * self.scale + table[pos_ids])
         t = ids.shape[1]
         if start + t > self.max_positions:
             raise ValueError(f"sequence of {start + t} positions exceeds model.max_positions={self.max_positions}")
