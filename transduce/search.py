@@ -145,6 +145,8 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
     hist = torch.zeros(b, k, 0, dtype=torch.long)
     last = torch.full((b * k,), BOS, dtype=torch.long)
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    n_finished = torch.zeros(b, dtype=torch.long)       # per source
+    nth_score = torch.full((b,), float("-inf"))         # score of its nbest-th finished hypothesis
     for t in range(steps):
         logits, state = model.step(last, state)
         n_rows = alive.numel()
@@ -166,10 +168,14 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
         for i, r in ends.nonzero().tolist():
             raw = float(top[i, r])
             hyp = Hypothesis(hist[i, beam_of[i, r]].tolist(), raw, raw / length ** length_penalty)
-            f = finished[int(alive[i])]
+            src_i = int(alive[i])
+            f = finished[src_i]
             f.append(hyp)
             f.sort(key=lambda h: -h.score)
             del f[k:]
+            n_finished[src_i] = len(f)
+            if len(f) >= nbest:
+                nth_score[src_i] = f[nbest - 1].score
         # First K candidates that do not end: they stay alive, in rank order.
         cont = (tok != EOS) & finite
         order = torch.argsort((~cont).long() * n_cand + rank, dim=1)[:, :k]
@@ -178,18 +184,12 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
         hist = torch.cat([hist.gather(1, new_beam[:, :, None].expand(-1, -1, t)), new_tok[:, :, None]], 2)
         # Which sources are done?
         bound = scores[:, 0] / (length + 1) ** length_penalty  # best alive, ending next step
-        done = []
-        for i in range(n_rows):
-            f = finished[int(alive[i])]
-            if not torch.isfinite(scores[i, 0]) or len(f) >= k or (
-                    len(f) >= nbest and float(bound[i]) <= f[nbest - 1].score):
-                done.append(i)
+        count = n_finished[alive]
+        done = ~torch.isfinite(scores[:, 0]) | (count >= k) | ((count >= nbest) & (bound <= nth_score[alive]))
         rows = (new_beam + torch.arange(n_rows)[:, None] * k).view(-1)
         keep = None
-        if done:
-            keep_mask = torch.ones(n_rows, dtype=torch.bool)
-            keep_mask[done] = False
-            keep = keep_mask.nonzero()[:, 0]
+        if done.any():
+            keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
             rows = rows.view(n_rows, k)[keep].view(-1)
