@@ -9,6 +9,7 @@ import torch
 from transduce.data.pipeline import Batch, pad
 from transduce.data.vocab import BOS, EOS, PAD
 from transduce.models import build_model
+from transduce.models.encoder import EncoderClassifierConfig, EncoderMLMConfig, EncoderTaggerConfig
 from transduce.models.lm import DecoderOnlyConfig, PrefixLMConfig
 from transduce.models.rnn import RNNConfig
 from transduce.models.transformer import TransformerConfig
@@ -36,8 +37,18 @@ def tiny_stack(config, **kw):
     return config(**c)
 
 
+def tiny_encoder(config, **kw):
+    c = dict(d_model=32, heads=4, encoder_layers=2, ff_dim=64, dropout=0.0, max_positions=64)
+    c.update(kw)
+    return config(**c)
+
+
+BERT_STYLE = dict(norm="post", positions="learned", activation="gelu", embed_scale=False, embed_norm=True,
+                  norm_eps=1e-12)
+
 # name -> config factory; every family added to transduce gets an entry here
-# so the shared model checks in test_models.py run on it.
+# so the shared model checks in test_models.py run on it (the decoding checks
+# on the families that decode: DECODING_MODELS).
 TINY_MODELS = {
     "transformer-prenorm": lambda: tiny_transformer(),
     "transformer-postnorm-learned": lambda: tiny_transformer(norm="post", positions="learned"),
@@ -50,6 +61,12 @@ TINY_MODELS = {
     "decoder-only-postnorm-sinusoidal": lambda: tiny_stack(DecoderOnlyConfig, norm="post", positions="sinusoidal"),
     "prefix-lm": lambda: tiny_stack(PrefixLMConfig),
     "prefix-lm-untied-relu": lambda: tiny_stack(PrefixLMConfig, tie_output=False, activation="relu"),
+    "transformer-bert-style": lambda: tiny_transformer(**BERT_STYLE),
+    "encoder-mlm": lambda: tiny_encoder(EncoderMLMConfig),
+    "encoder-mlm-bert-style": lambda: tiny_encoder(EncoderMLMConfig, **BERT_STYLE),
+    "encoder-classifier-mean": lambda: tiny_encoder(EncoderClassifierConfig),
+    "encoder-classifier-first-postnorm": lambda: tiny_encoder(EncoderClassifierConfig, pooling="first", norm="post"),
+    "encoder-tagger": lambda: tiny_encoder(EncoderTaggerConfig, activation="gelu"),
 }
 
 
@@ -73,6 +90,15 @@ def make_model(name: str, seed: int = 0, tgt_v: int | None = None):
 
 @pytest.fixture(params=list(TINY_MODELS))
 def model_name(request):
+    return request.param
+
+
+# Families with a decoder (encoder-only ones set can_decode = False).
+DECODING_MODELS = [name for name in TINY_MODELS if make_model(name).can_decode]
+
+
+@pytest.fixture(params=DECODING_MODELS)
+def decoding_model_name(request):
     return request.param
 
 

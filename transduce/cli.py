@@ -1,4 +1,4 @@
-"""Command line: `transduce train | translate | evaluate | generate | info`.
+"""Command line: `transduce train | translate | evaluate | classify | tag | generate | info`.
 
 A thin layer over importable functions; every option is documented in --help.
 """
@@ -83,6 +83,8 @@ def _evaluate(args) -> int:
 
     run = load_run(args.model)
     _threads(args.threads)
+    if not run.model.can_decode:  # encoder-only: its task predicts and scores labels
+        return _evaluate_labels(args, run)
     if args.data:
         pairs, _ = read_pairs(args.data, format=run.config.data.format)
         name = args.data
@@ -103,6 +105,64 @@ def _evaluate(args) -> int:
         shown += 1
     result = {"data": name, "items": len(sources), "beam": args.beam or run.config.decode.beam, **result}
     print(json.dumps(result))
+    return 0
+
+
+def _evaluate_labels(args, run) -> int:
+    from transduce.data.pipeline import load_splits
+    from transduce.tasks import task_for
+
+    task = task_for(run.config)
+    if args.data:
+        pairs, _ = task.read(args.data)
+        name = args.data
+    else:
+        pairs = getattr(load_splits(run.config.data, task.read), args.split)
+        name = f"data:{args.split}"
+    metrics = args.metrics.split(",") if args.metrics else run.config.eval.metrics
+    for m in metrics:
+        if m not in task.metrics:
+            raise ValueError(f"--metrics: {m!r} does not apply to a {run.config.model.family} model; valid "
+                             "choices: " + ", ".join(task.metrics))
+    result, rows = task.evaluate(run, pairs, metrics, batch_size=args.batch_size)
+    for s, h, r in rows[: args.show]:
+        print(f"{s}\t{h}\t{'OK' if h in r else 'ref: ' + ' | '.join(r)}")
+    print(json.dumps({"data": name, "items": len(rows), **result}))
+    return 0
+
+
+def _labelling_run(args):
+    """The run of `transduce classify` / `tag`, checked to be of that task."""
+    from transduce.inference import load_run
+    from transduce.tasks import task_for
+
+    run = load_run(args.model)
+    task = task_for(run.config)
+    if task.command != args.command:
+        raise ValueError(f"{args.model}: a {run.config.model.family} model; use `transduce {task.command}`")
+    _threads(args.threads)
+    return run, task
+
+
+def _write_lines(args, lines: list[str]) -> None:
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def _classify(args) -> int:
+    run, task = _labelling_run(args)
+    _write_lines(args, task.predict(run, _read_inputs(args), args.batch_size))
+    return 0
+
+
+def _tag(args) -> int:
+    run, task = _labelling_run(args)
+    lines = _read_inputs(args)
+    tags = task.predict(run, lines, args.batch_size)
+    _write_lines(args, [" ".join(line.split()) + "\t" + " ".join(t) if t else "" for line, t in zip(lines, tags)])
     return 0
 
 
@@ -237,6 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight quantization (default: none, float32)")
     ex.add_argument("out_dir", help="output directory (replaced if it exists)")
     ex.set_defaults(func=_export)
+
+    def labelling(q):
+        q.add_argument("--model", required=True, help="run directory")
+        q.add_argument("--input", help="input file (default: stdin)")
+        q.add_argument("--output", help="output file (default: stdout)")
+        q.add_argument("--batch-size", type=int, help="inputs scored together; default from the run's config")
+        q.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+    cl = sub.add_parser("classify", help="label each line (encoder_classifier runs)",
+                        description="Read one text per line, write its label, order preserved. Empty input "
+                                    "lines give empty output lines.")
+    labelling(cl)
+    cl.set_defaults(func=_classify)
+
+    tg = sub.add_parser("tag", help="tag each token of each line (encoder_tagger runs)",
+                        description="Read whitespace-separated tokens per line; write `tokens<TAB>labels`, "
+                                    "one label per token (the training format), order preserved. Empty "
+                                    "input lines give empty output lines.")
+    labelling(tg)
+    tg.set_defaults(func=_tag)
 
     ge = sub.add_parser("generate", help="continue a prompt (language models) or decode one input",
                         description="Greedy, beam or sampled outputs for one --prompt, one per line. A run "

@@ -26,10 +26,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["char", "whitespace", "bpe", "unigram"] = "char"  # how text splits into symbols
+    # how text splits into symbols; "pretrained": a Hugging Face checkpoint's own tokenizer
+    kind: Literal["char", "whitespace", "bpe", "unigram", "pretrained"] = "char"
     lowercase: bool = False          # fold case before splitting (G2P spellings are case-insensitive)
     vocab_size: int = 8000           # target size for trained subword vocabularies (bpe/unigram)
     min_frequency: int = 1           # symbols seen fewer times map to <unk> (char/whitespace)
+    # kind pretrained: checkpoint folder with tokenizer.json or vocab.txt, or
+    # `package:NAME/sub/dir` inside an installed Python package
+    path: Optional[str] = None
+    wrap: bool = False               # encode each text as <s> ... </s> (BERT's [CLS] ... [SEP]); sources only
+
+    def validate(self) -> None:
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("kind 'pretrained' needs path (the checkpoint folder with tokenizer.json or vocab.txt)")
+        if self.path and self.kind != "pretrained":
+            raise ValueError(f"path applies to kind 'pretrained' only (kind is {self.kind!r})")
 
 
 @dataclass
@@ -126,7 +137,8 @@ class DecodeConfig:
 @dataclass
 class EvalConfig:
     # Metrics computed by `evaluate` and on dev during training; the first is
-    # the one early stopping and `best` follow.
+    # the one early stopping and `best` follow. Valid choices and the default
+    # depend on the family's task (transduce/tasks.py).
     metrics: list[str] = field(default_factory=lambda: ["wer", "per"])
     dev_beam: int = 1                # beam during training-time dev evaluation (greedy is cheap)
 
@@ -301,10 +313,15 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             fits(cfg.data)
         except ValueError as e:
             raise ConfigError(f"{source}: key model: {e}") from None
-    for m in cfg.eval.metrics:
-        if m not in METRIC_CHOICES:
-            raise ConfigError(f"{source}: key eval.metrics: invalid choice {m!r}; valid choices: "
-                              + ", ".join(METRIC_CHOICES))
+    from transduce.tasks import task_for  # what the family is trained on decides metrics and data checks
+
+    task = task_for(cfg)
+    if not (isinstance(raw.get("eval"), dict) and "metrics" in raw["eval"]):
+        cfg.eval.metrics = list(task.default_metrics)
+    try:
+        task.check(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{source}: key {e}") from None
     return cfg
 
 

@@ -63,6 +63,11 @@ def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: i
            batch_size: int | None = None, model=None) -> list[list[Hypothesis]]:
     """n-best hypotheses for each source, in input order. Empty sources give one empty output."""
     model = model or run.model
+    if not model.can_decode:
+        from transduce.tasks import task_for
+
+        raise ValueError(f"a {run.config.model.family} model has no decoder (encoder-only); use "
+                         f"`transduce {task_for(run.config).command}`")
     cfg = run.config.decode
     batch_size = batch_size or cfg.batch_size
     ids = [run.source.encode(s) for s in sources]

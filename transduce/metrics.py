@@ -8,6 +8,19 @@
 - `seq_acc`: % of outputs equal to a reference; `cer`: character error rate
   against the closest reference; `bleu`, `chrf`: sacrebleu corpus scores.
 Lower is better for error rates, higher for the others (`higher_is_better`).
+
+Labelling tasks (encoder-only families), all in %:
+- `accuracy`: share of texts given the right label; `macro_f1`: F1 per
+  label, averaged with every label weighted equally.
+- `token_accuracy`: share of tokens given the right tag.
+- `entity_f1`: micro-averaged F1 over entities (CoNLL-2003 `conlleval`):
+  spans read from BIO tags (`B-X` begins an X, `I-X` continues one, an
+  `I-X` that does not continue an X begins one, `O` is outside); a tag
+  without a B-/I- prefix is a one-token entity of that type. An entity is
+  right when both its span and its type are.
+- `label_f1`: macro-averaged F1 over the tags other than `O`, per token.
+- `mlm_accuracy`: share of masked positions predicted right; `mlm_loss`
+  (lower is better): mean cross-entropy per masked position.
 """
 from __future__ import annotations
 
@@ -53,7 +66,8 @@ def strip_digits(text: str) -> str:
     return _DIGITS.sub("", text)
 
 
-HIGHER_IS_BETTER = {"seq_acc", "bleu", "chrf"}
+HIGHER_IS_BETTER = {"seq_acc", "bleu", "chrf", "accuracy", "macro_f1", "token_accuracy", "entity_f1", "label_f1",
+                    "mlm_accuracy"}
 
 
 def compute(metrics: list[str], hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
@@ -85,3 +99,60 @@ def is_better(metric: str, a: float, b: float | None) -> bool:
     if b is None:
         return True
     return a > b if metric in HIGHER_IS_BETTER else a < b
+
+
+# ---------------------------------------------------------------------------
+# Labelling tasks
+# ---------------------------------------------------------------------------
+
+def entities(tags: list[str]) -> set[tuple[int, int, str]]:
+    """(start, end, type) spans of BIO `tags` (see the module docstring)."""
+    out, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        if tag.startswith("I-") and start is not None and tag[2:] == kind:
+            continue
+        if start is not None:
+            out.add((start, i, kind))
+            start, kind = None, None
+        if tag.startswith(("B-", "I-")):
+            start, kind = i, tag[2:]
+        elif tag != "O" and i < len(tags):
+            out.add((i, i + 1, tag))
+    return out
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    """F1 in %; 100 when there was nothing to find and nothing was found."""
+    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 100.0
+
+
+def macro_f1(gold: list[str], pred: list[str], skip: tuple[str, ...] = ()) -> float:
+    """F1 of each label (those in `skip` left out), averaged with equal weights."""
+    labels = sorted((set(gold) | set(pred)) - set(skip))
+    if not labels:
+        return 100.0
+    scores = []
+    for lab in labels:
+        tp = sum(g == lab and p == lab for g, p in zip(gold, pred))
+        fp = sum(g != lab and p == lab for g, p in zip(gold, pred))
+        fn = sum(g == lab and p != lab for g, p in zip(gold, pred))
+        scores.append(_f1(tp, fp, fn))
+    return sum(scores) / len(scores)
+
+
+def classification_metrics(metrics: list[str], gold: list[str], pred: list[str]) -> dict[str, float]:
+    out = {"accuracy": 100.0 * sum(g == p for g, p in zip(gold, pred, strict=True)) / max(1, len(gold)),
+           "macro_f1": macro_f1(gold, pred)}
+    return {m: round(out[m], 4) for m in metrics}
+
+
+def tagging_metrics(metrics: list[str], gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
+    flat_g = [t for seq in gold for t in seq]
+    flat_p = [t for seq in pred for t in seq]
+    tp = fp = fn = 0
+    for g, p in zip(gold, pred, strict=True):
+        ge, pe = entities(g), entities(p)
+        tp, fp, fn = tp + len(ge & pe), fp + len(pe - ge), fn + len(ge - pe)
+    out = {"token_accuracy": 100.0 * sum(a == b for a, b in zip(flat_g, flat_p, strict=True)) / max(1, len(flat_g)),
+           "entity_f1": _f1(tp, fp, fn), "label_f1": macro_f1(flat_g, flat_p, skip=("O",))}
+    return {m: round(out[m], 4) for m in metrics}

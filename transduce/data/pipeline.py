@@ -28,8 +28,12 @@ class Splits:
     test: list[Pair]
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Read train/dev/test as configured; report skipped lines."""
+def load_splits(cfg: DataConfig, read=None) -> Splits:
+    """Read train/dev/test as configured; report skipped lines.
+
+    `read(spec, skip_invalid) -> (pairs, report)` reads one file; default: as
+    data.format says (a task with its own file format passes its reader).
+    """
     if cfg.dataset == "cmudict":
         from transduce.data.cmudict import load_cmudict
 
@@ -43,7 +47,10 @@ def load_splits(cfg: DataConfig) -> Splits:
         if not spec:
             out[name] = []
             continue
-        pairs, report = read_pairs(spec, cfg.skip_invalid, cfg.format)
+        if read is not None:
+            pairs, report = read(spec, cfg.skip_invalid)
+        else:
+            pairs, report = read_pairs(spec, cfg.skip_invalid, cfg.format)
         if report.skipped:
             log.warning("%s: skipped %d invalid lines of %d (data.skip_invalid); first: %s",
                         spec, report.skipped, report.read + report.skipped, report.first_problems[0])
@@ -82,6 +89,16 @@ class TokenArray:
 class EncodedPairs:
     src: TokenArray
     tgt: TokenArray
+
+    def collate(self, index: list[int], key=None) -> "Batch":
+        """The padded batch of examples `index`; tasks with other batches subclass this
+        (transduce/tasks.py). `key` seeds whatever a task draws at random per batch."""
+        srcs = [self.src[i] for i in index]
+        tgts = [self.tgt[i] for i in index]
+        src = pad(srcs)
+        tgt_in = pad([np.concatenate(([BOS], t)) for t in tgts])
+        labels = pad([np.concatenate((t, [EOS])) for t in tgts])
+        return Batch(src, src != PAD, tgt_in, labels)
 
 
 def encode_pairs(pairs: list[Pair], src: TextCodec, tgt: TextCodec, cfg: DataConfig,
@@ -145,13 +162,9 @@ def pad(seqs: list, value: int = PAD) -> torch.Tensor:
     return out
 
 
-def collate(data: EncodedPairs, index: list[int]) -> Batch:
-    srcs = [data.src[i] for i in index]
-    tgts = [data.tgt[i] for i in index]
-    src = pad(srcs)
-    tgt_in = pad([np.concatenate(([BOS], t)) for t in tgts])
-    labels = pad([np.concatenate((t, [EOS])) for t in tgts])
-    return Batch(src, src != PAD, tgt_in, labels)
+def collate(data: EncodedPairs, index: list[int], key=None) -> Batch:
+    """The batch of examples `index`, as the data's task makes it (see EncodedPairs.collate)."""
+    return data.collate(index, key)
 
 
 def token_budget_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int,
@@ -185,7 +198,7 @@ def epoch_batches(data: EncodedPairs, batch_tokens: int, max_pairs: int, seed: i
     plan = token_budget_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens, max_pairs,
                                 seed * 100_003 + epoch)
     for pos in range(start, len(plan)):
-        yield pos, collate(data, plan[pos])
+        yield pos, collate(data, plan[pos], (seed, epoch, pos))
 
 
 def source_batches(sources: list[list[int]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:

@@ -1,8 +1,16 @@
-"""Tokenizers (characters, whitespace tokens, trained subwords) and vocabularies.
+"""Tokenizers (characters, whitespace tokens, trained subwords, a pretrained
+checkpoint's own tokenizer) and vocabularies.
 
 A `TextCodec` pairs a tokenizer with its vocabulary: `encode(text) -> ids`,
 `decode(ids) -> text`. Codecs are saved with the model as JSON and rebuilt
 from it alone.
+
+Pretrained tokenizers (kind `pretrained`, a Hugging Face checkpoint's
+WordPiece/BPE tokenizer) keep their symbols, but the checkpoint's special
+tokens are renamed to ours (`PRETRAINED_SPECIALS`: [PAD] -> <pad>, [UNK] ->
+<unk>, [CLS] -> <s>, [SEP] -> </s>, [MASK] -> <mask>), so ids 0..3 mean the
+same in every vocabulary. Our ids therefore differ from the checkpoint's;
+`PretrainedTokenizer.checkpoint_id` maps a symbol back when weights load.
 """
 from __future__ import annotations
 
@@ -14,6 +22,9 @@ from transduce.config import TokenizerConfig
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+MASK_SYMBOL = "<mask>"  # masked-language-model input symbol (encoder families' vocabularies only)
+# A pretrained checkpoint's special tokens and the symbols they become here.
+PRETRAINED_SPECIALS = {"[PAD]": "<pad>", "[UNK]": "<unk>", "[CLS]": "<s>", "[SEP]": "</s>", "[MASK]": MASK_SYMBOL}
 
 
 class Vocab:
@@ -109,7 +120,11 @@ class SubwordTokenizer:
                                               unk_token=SPECIALS[UNK], show_progress=False)
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        tok.train_from_iterator((t.lower() if lowercase else t for t in texts), trainer)
+        try:
+            tok.train_from_iterator((t.lower() if lowercase else t for t in texts), trainer)
+        except Exception as e:  # `tokenizers` raises bare Exceptions, e.g. a vocab_size below the alphabet
+            raise ValueError(f"cannot train the {kind} tokenizer: {e} (vocab_size={vocab_size}; "
+                             f"the training text has {len(set(''.join(texts)))} distinct characters)") from None
         return cls(kind, lowercase, tok.to_str())
 
     def split(self, text: str) -> list[str]:
@@ -126,23 +141,97 @@ class SubwordTokenizer:
         return {"kind": self.kind, "lowercase": self.lowercase, "hf_json": self.hf.to_str()}
 
 
-class TextCodec:
-    """Text <-> ids through a tokenizer and a vocabulary."""
+class PretrainedTokenizer:
+    """A Hugging Face checkpoint's tokenizer (e.g. BERT's WordPiece), special tokens renamed to ours.
 
-    def __init__(self, tokenizer, vocab: Vocab):
+    Built from the checkpoint folder's tokenizer.json, or from vocab.txt
+    (BERT normalisation and pre-tokenisation; lower-cased unless
+    tokenizer_config.json says `do_lower_case: false`). The whole tokenizer is
+    stored in the codec, so a trained run never needs the folder again.
+    """
+
+    kind = "pretrained"
+
+    def __init__(self, hf_json: str, lowercase: bool = False):
+        from tokenizers import Tokenizer
+
+        self.lowercase = lowercase
+        self.hf = Tokenizer.from_str(hf_json)
+        self.hf.no_padding()     # tokenizer.json files often pad/truncate to a fixed length
+        self.hf.no_truncation()
+        self.rename = {t: s for t, s in PRETRAINED_SPECIALS.items() if self.hf.token_to_id(t) is not None}
+        self.unrename = {s: t for t, s in self.rename.items()}
+        missing = [s for s in SPECIALS if s not in self.unrename and self.hf.token_to_id(s) is None]
+        if missing:
+            raise ValueError(f"pretrained tokenizer has no token for {missing} (needs [PAD], [UNK], [CLS], "
+                             "[SEP] or <pad>, <unk>, <s>, </s>)")
+
+    @classmethod
+    def load(cls, folder, lowercase: bool = False) -> "PretrainedTokenizer":
+        from transduce.models.bert import read_tokenizer_json
+
+        return cls(read_tokenizer_json(folder), lowercase)
+
+    def split(self, text: str) -> list[str]:
+        tokens = self.hf.encode(text.lower() if self.lowercase else text, add_special_tokens=False).tokens
+        return [self.rename.get(t, t) for t in tokens]
+
+    def join(self, symbols: list[str]) -> str:
+        return self.hf.decoder.decode([self.unrename.get(s, s) for s in symbols])
+
+    def symbols(self) -> list[str]:
+        """Our specials first, then every other checkpoint symbol in checkpoint-id order."""
+        vocab = self.hf.get_vocab(with_added_tokens=True)
+        rest = [self.rename.get(t, t) for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        return SPECIALS + [s for s in rest if s not in SPECIALS]
+
+    def checkpoint_id(self, symbol: str) -> int | None:
+        """The id of our `symbol` in the checkpoint's vocabulary (None if it has none)."""
+        return self.hf.token_to_id(self.unrename.get(symbol, symbol))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "lowercase": self.lowercase, "hf_json": self.hf.to_str()}
+
+
+class TextCodec:
+    """Text <-> ids through a tokenizer and a vocabulary.
+
+    `wrap`: non-empty texts are encoded as <s> ... </s> (what a BERT encoder
+    saw in pretraining as [CLS] ... [SEP]); for the source side only.
+    """
+
+    def __init__(self, tokenizer, vocab: Vocab, wrap: bool = False):
         self.tokenizer = tokenizer
         self.vocab = vocab
+        self.wrap = wrap
 
     @classmethod
     def fit(cls, cfg: TokenizerConfig, texts: list[str]) -> "TextCodec":
+        if cfg.kind == "pretrained":
+            from transduce.models.bert import resolve_path
+
+            tok = PretrainedTokenizer.load(resolve_path(cfg.path), cfg.lowercase)
+            return cls(tok, Vocab(tok.symbols()), cfg.wrap)
         if cfg.kind in ("bpe", "unigram"):
             tok = SubwordTokenizer.train(cfg.kind, cfg.lowercase, texts, cfg.vocab_size)
-            return cls(tok, Vocab(tok.symbols()))
+            return cls(tok, Vocab(tok.symbols()), cfg.wrap)
         tok = CharTokenizer(cfg.lowercase) if cfg.kind == "char" else WhitespaceTokenizer(cfg.lowercase)
-        return cls(tok, Vocab.build((tok.split(t) for t in texts), cfg.min_frequency))
+        return cls(tok, Vocab.build((tok.split(t) for t in texts), cfg.min_frequency), cfg.wrap)
 
     def encode(self, text: str, unknown: Counter | None = None) -> list[int]:
-        return self.vocab.encode(self.tokenizer.split(text), unknown)
+        ids = self.vocab.encode(self.tokenizer.split(text), unknown)
+        return [BOS] + ids + [EOS] if self.wrap and ids else ids
+
+    def encode_words(self, words: list[str], unknown: Counter | None = None) -> tuple[list[int], list[int]]:
+        """Ids of pre-split words (each word's pieces, at least <unk>) and the position of each
+        word's first piece (for tagging: one label per word)."""
+        ids, firsts = [BOS] if self.wrap else [], []
+        for w in words:
+            firsts.append(len(ids))
+            ids += self.vocab.encode(self.tokenizer.split(w), unknown) or [UNK]
+        if self.wrap:
+            ids.append(EOS)
+        return ids, firsts
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.join(self.vocab.decode(ids))
@@ -150,8 +239,15 @@ class TextCodec:
     def symbols(self, ids: Iterable[int]) -> list[str]:
         return self.vocab.decode(ids)
 
+    def with_symbol(self, symbol: str) -> "TextCodec":
+        """This codec with `symbol` added right after the specials (if it is not there yet)."""
+        if symbol in self.vocab.stoi:
+            return self
+        itos = self.vocab.itos
+        return TextCodec(self.tokenizer, Vocab(itos[: len(SPECIALS)] + [symbol] + itos[len(SPECIALS):]), self.wrap)
+
     def to_dict(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_dict(), "symbols": self.vocab.itos}
+        return {"tokenizer": self.tokenizer.to_dict(), "symbols": self.vocab.itos, "wrap": self.wrap}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextCodec":
@@ -162,9 +258,11 @@ class TextCodec:
             tok = WhitespaceTokenizer(t["lowercase"])
         elif t["kind"] in ("bpe", "unigram"):
             tok = SubwordTokenizer(t["kind"], t["lowercase"], t["hf_json"])
+        elif t["kind"] == "pretrained":
+            tok = PretrainedTokenizer(t["hf_json"], t["lowercase"])
         else:
             raise ValueError(f"unknown tokenizer kind {t['kind']!r}")
-        return cls(tok, Vocab(d["symbols"]))
+        return cls(tok, Vocab(d["symbols"]), bool(d.get("wrap", False)))
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -174,4 +272,4 @@ def share_vocab(a: TextCodec, b: TextCodec) -> tuple[TextCodec, TextCodec]:
     """Both codecs over one vocabulary covering both sides (for shared embeddings)."""
     extra = [s for s in b.vocab.itos[len(SPECIALS):] if s not in a.vocab.stoi]
     vocab = Vocab(a.vocab.itos + extra)
-    return TextCodec(a.tokenizer, vocab), TextCodec(b.tokenizer, vocab)
+    return TextCodec(a.tokenizer, vocab, a.wrap), TextCodec(b.tokenizer, vocab, b.wrap)

@@ -61,6 +61,10 @@ def build_spec(model):
     c = model.config
     if c.family != "transformer":
         raise ValueError(f"CTranslate2 export supports the transformer family, not {c.family!r}")
+    if c.embed_norm or not c.embed_scale or c.norm_eps != 1e-5:
+        raise ValueError("CTranslate2 export supports embeddings scaled by sqrt(d_model) without a LayerNorm and "
+                         "norm_eps 1e-5, not BERT-style stacks (model.embed_scale: false, embed_norm: true, "
+                         "norm_eps)")
     spec = transformer_spec.TransformerSpec.from_config(
         (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=c.norm == "pre",
         activation=common_spec.Activation.GELU if c.activation == "gelu" else common_spec.Activation.RELU)

@@ -8,7 +8,8 @@ Training calls `forward(batch) -> logits (B, T, V)` aligned with
     logits, state = model.step(tokens, state)            # one new position per row
     state = model.reorder_state(state, rows, batch)      # after beam selection / dropping finished
 
-A family without a decoder (encoder-only with a head) sets `can_decode = False`.
+A family without a decoder (encoder-only with a head) sets `can_decode = False`;
+what it is trained on and how it predicts is its task's business (transduce/tasks.py).
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ class EncoderDecoderModel(nn.Module):
 
     def reorder_state(self, state, rows: torch.Tensor | None, batch: torch.Tensor | None = None):
         raise NotImplementedError
+
+    def init_pretrained(self, source, target) -> list[str]:
+        """Load weights the config names outside transduce (e.g. `model.init_encoder`) into a
+        fresh model, given the run's source/target codecs; returns lines for the log."""
+        return []
 
     def describe(self) -> dict:
         """Sizes and counts for `transduce info`."""

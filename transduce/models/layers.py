@@ -45,13 +45,19 @@ class Dropout(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding scaled by sqrt(d), plus sinusoidal or learned positions, then dropout."""
+    """Token embedding scaled by sqrt(d), plus sinusoidal or learned positions, then dropout.
+
+    BERT-style embeddings leave the tokens unscaled (`scale=False`) and add a
+    LayerNorm before the dropout (`norm=True`).
+    """
 
     def __init__(self, vocab: int, d: int, positions: str, max_positions: int, dropout: float,
-                 tokens: nn.Embedding | None = None):
+                 tokens: nn.Embedding | None = None, scale: bool = True, norm: bool = False,
+                 eps: float = 1e-5):
         super().__init__()
         self.tokens = tokens if tokens is not None else nn.Embedding(vocab, d, padding_idx=0)
-        self.scale = math.sqrt(d)
+        self.scale = math.sqrt(d) if scale else 1.0
+        self.norm = nn.LayerNorm(d, eps=eps) if norm else nn.Identity()
         if positions == "learned":
             self.positions = nn.Embedding(max_positions, d)
         else:
@@ -68,7 +74,7 @@ class Embedding(nn.Module):
             if n > self.max_positions:
                 raise ValueError(f"sequence of {n} positions exceeds model.max_positions={self.max_positions}")
             table = self.positions.weight if self.positions is not None else self.table
-            return self.dropout(self.tokens(ids) * self.scale + table[pos_ids])
+            return self.dropout(self.norm(self.tokens(ids) * self.scale + table[pos_ids]))
         t = ids.shape[1]
         if start + t > self.max_positions:
             raise ValueError(f"sequence of {start + t} positions exceeds model.max_positions={self.max_positions}")
@@ -76,7 +82,7 @@ class Embedding(nn.Module):
             pos = self.positions.weight[start: start + t]
         else:
             pos = self.table[start: start + t]
-        return self.dropout(self.tokens(ids) * self.scale + pos)
+        return self.dropout(self.norm(self.tokens(ids) * self.scale + pos))
 
 
 class Attention(nn.Module):
@@ -147,9 +153,9 @@ class FeedForward(nn.Module):
 class Residual(nn.Module):
     """x + dropout(f(norm(x))) for pre-norm, norm(x + dropout(f(x))) for post-norm."""
 
-    def __init__(self, d: int, dropout: float, pre_norm: bool):
+    def __init__(self, d: int, dropout: float, pre_norm: bool, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d, eps=eps)
         self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 

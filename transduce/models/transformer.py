@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -12,31 +12,73 @@ from transduce.models.layers import Attention, Embedding, FeedForward, Residual,
 
 
 @dataclass
-class TransformerConfig:
-    family: Literal["transformer"] = "transformer"
+class EncoderStackConfig:
+    """The Transformer encoder stack; shared by the encoder-decoder and the encoder-only families.
+
+    A BERT-compatible stack (for `init_encoder`) is post-norm, learned
+    positions, GELU, `embed_scale: false`, `embed_norm: true`, `norm_eps: 1e-12`.
+    """
+    family: str = ""
     d_model: int = 256               # width of every layer
     heads: int = 4                   # attention heads; d_model must divide by it
     encoder_layers: int = 3
-    decoder_layers: int = 3
     ff_dim: int = 1024               # inner width of the feed-forward blocks
-    dropout: float = 0.1             # on embeddings, residual branches and feed-forward
+    dropout: float = 0.1             # on embeddings and residual branches
+    activation_dropout: float = 0.0  # inside the feed-forward block (costly on CPU, rarely needed)
     attention_dropout: float = 0.0   # on attention probabilities
     activation: Literal["relu", "gelu"] = "relu"
     norm: Literal["pre", "post"] = "pre"  # pre-norm trains stably without long warmup
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     max_positions: int = 1024        # longest source or target the model accepts
-    share_embeddings: bool = False   # one embedding table (and vocabulary) for source and target
-    tie_output: bool = True          # output projection shares the target embedding weights
+    embed_scale: bool = True         # token embeddings times sqrt(d_model) (Vaswani); BERT: false
+    embed_norm: bool = False         # LayerNorm on embeddings + positions (BERT: true)
+    norm_eps: float = 1e-5           # LayerNorm epsilon (BERT checkpoints: 1e-12)
+    # Hugging Face BERT-style checkpoint folder (config.json, model.safetensors,
+    # tokenizer.json or vocab.txt), or `package:NAME/sub/dir` inside an
+    # installed Python package, whose weights start the encoder of a fresh run
+    # (never read on resume or when loading a trained run). See models/bert.py.
+    init_encoder: Optional[str] = None
 
     def validate(self) -> None:
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         if min(self.d_model, self.heads, self.ff_dim, self.max_positions) <= 0:
             raise ValueError("d_model, heads, ff_dim and max_positions must be positive")
-        if self.encoder_layers < 1 or self.decoder_layers < 1:
-            raise ValueError("encoder_layers and decoder_layers must be at least 1")
-        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.attention_dropout < 1.0):
+        if self.encoder_layers < 1:
+            raise ValueError("encoder_layers must be at least 1")
+        if not all(0.0 <= p < 1.0 for p in (self.dropout, self.attention_dropout, self.activation_dropout)):
             raise ValueError("dropout values must be in [0, 1)")
+        if not 0.0 < self.norm_eps < 1.0:
+            raise ValueError("norm_eps must be in (0, 1)")
+
+
+@dataclass
+class TransformerConfig(EncoderStackConfig):
+    family: Literal["transformer"] = "transformer"
+    decoder_layers: int = 3
+    share_embeddings: bool = False   # one embedding table (and vocabulary) for source and target
+    tie_output: bool = True          # output projection shares the target embedding weights
+    # With init_encoder: also start the decoder's embeddings, self-attention and
+    # feed-forward blocks from that checkpoint (BERT2BERT, Rothe et al. 2020);
+    # cross-attention is always new. Needs a pretrained target tokenizer.
+    init_decoder: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.decoder_layers < 1:
+            raise ValueError("decoder_layers must be at least 1")
+        if self.init_decoder and not self.init_encoder:
+            raise ValueError("init_decoder needs init_encoder (the checkpoint to read)")
+
+
+def stack_embedding(c: EncoderStackConfig, vocab: int, tokens: nn.Embedding | None = None) -> Embedding:
+    return Embedding(vocab, c.d_model, c.positions, c.max_positions, c.dropout, tokens,
+                     scale=c.embed_scale, norm=c.embed_norm, eps=c.norm_eps)
+
+
+def final_norm(c: EncoderStackConfig) -> nn.Module:
+    """Pre-norm stacks end with a LayerNorm; post-norm layers already end normalised."""
+    return nn.LayerNorm(c.d_model, eps=c.norm_eps) if c.norm == "pre" else nn.Identity()
 
 
 class EncoderLayer(nn.Module):
@@ -44,9 +86,9 @@ class EncoderLayer(nn.Module):
         super().__init__()
         pre = c.norm == "pre"
         self.attn = Attention(c.d_model, c.heads, c.attention_dropout, cross=False)
-        self.ff = FeedForward(c.d_model, c.ff_dim, c.dropout, c.activation)
-        self.r1 = Residual(c.d_model, c.dropout, pre)
-        self.r2 = Residual(c.d_model, c.dropout, pre)
+        self.ff = FeedForward(c.d_model, c.ff_dim, c.activation_dropout, c.activation)
+        self.r1 = Residual(c.d_model, c.dropout, pre, c.norm_eps)
+        self.r2 = Residual(c.d_model, c.dropout, pre, c.norm_eps)
 
     def forward(self, x, mask):
         # x (B, S, D); mask (B, 1, 1, S)
@@ -82,10 +124,10 @@ class DecoderLayer(nn.Module):
         pre = c.norm == "pre"
         self.self_attn = Attention(c.d_model, c.heads, c.attention_dropout, cross=False)
         self.cross_attn = Attention(c.d_model, c.heads, c.attention_dropout, cross=True)
-        self.ff = FeedForward(c.d_model, c.ff_dim, c.dropout, c.activation)
-        self.r1 = Residual(c.d_model, c.dropout, pre)
-        self.r2 = Residual(c.d_model, c.dropout, pre)
-        self.r3 = Residual(c.d_model, c.dropout, pre)
+        self.ff = FeedForward(c.d_model, c.ff_dim, c.activation_dropout, c.activation)
+        self.r1 = Residual(c.d_model, c.dropout, pre, c.norm_eps)
+        self.r2 = Residual(c.d_model, c.dropout, pre, c.norm_eps)
+        self.r3 = Residual(c.d_model, c.dropout, pre, c.norm_eps)
 
     def forward(self, x, mem_k, mem_v, src_mask, cache=None, t: int = 0, beam: int = 1, weights=None):
         # x (N, T, D). Without cache: causal over T. With cache (k, v buffers
@@ -123,7 +165,33 @@ class TransformerState:
     attention: list | None      # if recording: per step, per layer (N, H, S) cross-attention
 
 
-class Transformer(EncoderDecoderModel):
+class EncoderStack(EncoderDecoderModel):
+    """`encode` over `src_embed`, `encoder` (EncoderLayers) and `enc_norm`.
+
+    The Transformer and the encoder-only families (models/encoder.py) build
+    these three under the same names, so encoder weights load across them
+    (`train.init_from`, `model.init_encoder`).
+    """
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
+        # src (B, S) ids; src_mask (B, S) True at real tokens
+        assert src.shape == src_mask.shape and src.dim() == 2, (src.shape, src_mask.shape)
+        x = self.src_embed(src)
+        mask = src_mask[:, None, None, :]
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return EncoderOutput(self.enc_norm(x), src_mask)  # states (B, S, D)
+
+    def init_pretrained(self, source, target) -> list[str]:
+        """Load `model.init_encoder` (see models/bert.py); returns what was loaded, for the log."""
+        if not self.config.init_encoder:
+            return []
+        from transduce.models.bert import load_bert
+
+        return load_bert(self, self.config, source, target)
+
+
+class Transformer(EncoderStack):
     def __init__(self, c: TransformerConfig, src_vocab: int, tgt_vocab: int):
         super().__init__()
         self.config = c
@@ -135,13 +203,12 @@ class Transformer(EncoderDecoderModel):
             src_tokens = tgt_tokens
         else:
             src_tokens = nn.Embedding(src_vocab, d, padding_idx=0)
-        self.src_embed = Embedding(src_vocab, d, c.positions, c.max_positions, c.dropout, src_tokens)
-        self.tgt_embed = Embedding(tgt_vocab, d, c.positions, c.max_positions, c.dropout, tgt_tokens)
+        self.src_embed = stack_embedding(c, src_vocab, src_tokens)
+        self.tgt_embed = stack_embedding(c, tgt_vocab, tgt_tokens)
         self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
-        pre = c.norm == "pre"
-        self.enc_norm = nn.LayerNorm(d) if pre else nn.Identity()
-        self.dec_norm = nn.LayerNorm(d) if pre else nn.Identity()
+        self.enc_norm = final_norm(c)
+        self.dec_norm = final_norm(c)
         self.output = nn.Linear(d, tgt_vocab, bias=False)
         init_weights(self)
         if c.tie_output:
@@ -158,15 +225,6 @@ class Transformer(EncoderDecoderModel):
         return self.output(self.dec_norm(x))  # (B, T, V)
 
     # -- search interface ---------------------------------------------------
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
-        # src (B, S) ids; src_mask (B, S) True at real tokens
-        assert src.shape == src_mask.shape and src.dim() == 2, (src.shape, src_mask.shape)
-        x = self.src_embed(src)
-        mask = src_mask[:, None, None, :]
-        for layer in self.encoder:
-            x = layer(x, mask)
-        return EncoderOutput(self.enc_norm(x), src_mask)
-
     def init_state(self, memory: EncoderOutput, beam: int, max_len: int,
                    record_attention: bool = False) -> TransformerState:
         b = memory.states.shape[0]

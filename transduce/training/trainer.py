@@ -22,12 +22,14 @@ import torch.nn.functional as F
 from transduce.checkpoint import (CheckpointError, checkpoint_dir, load_model_tensors, load_tensors,
                                   optimizer_join, read_checkpoint, read_json, save_checkpoint)
 from transduce.config import Config, load_config, save_config
-from transduce.data.pipeline import encode_pairs, epoch_batches, fit_codecs, group_references, load_splits, shuffled
+from transduce.data.pipeline import epoch_batches, group_references, load_splits, shuffled
 from transduce.data.vocab import PAD
-from transduce.inference import LoadedRun, evaluate_pairs, load_codecs
+from transduce.inference import LoadedRun, load_codecs
 from transduce.io import atomic_write_text
 from transduce.metrics import is_better
 from transduce.models import build_model
+from transduce.tasks import task_for
+from transduce.training.warmstart import initial_weights
 from transduce.training.schedule import lr_at
 
 log = logging.getLogger("transduce")
@@ -90,17 +92,17 @@ class MetricsLog:
 
 def prepare(cfg: Config, run_dir: Path, resuming: bool):
     """Read data and fit (or, when resuming, reload) the codecs."""
-    splits = load_splits(cfg.data)
+    task = task_for(cfg)  # seq2seq, or an encoder-only family's labelling/MLM task
+    splits = load_splits(cfg.data, task.read)
     if not splits.train:
         raise ValueError("no training pairs")
     if resuming:
         src, tgt = load_codecs(run_dir)
     else:
-        shared = bool(getattr(cfg.model, "share_embeddings", False))
-        src, tgt = fit_codecs(cfg.data, splits.train, shared)
+        src, tgt = task.fit_codecs(cfg, splits.train)
         atomic_write_text(run_dir / "source_codec.json", src.dumps())
         atomic_write_text(run_dir / "target_codec.json", tgt.dumps())
-    data = encode_pairs(splits.train, src, tgt, cfg.data, "train")
+    data = task.encode(splits.train, src, tgt, cfg, "train")
     return splits, src, tgt, data
 
 
@@ -132,12 +134,9 @@ def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dic
         dev_pairs = [p for p in splits.dev if p.source in chosen]
 
     model = build_model(cfg.model, len(src_codec.vocab), len(tgt_codec.vocab))
-    if tc.init_from and last is None:
-        init = checkpoint_dir(Path(tc.init_from), "best")
-        if init is None:
-            raise CheckpointError(f"{tc.init_from}: train.init_from names a run with no checkpoint")
-        _, tensors = read_checkpoint(init)
-        load_model_tensors(model, tensors, init / "model.safetensors")
+    if last is None:  # train.init_from or model.init_encoder (training/warmstart.py)
+        for line in initial_weights(model, cfg, src_codec, tgt_codec):
+            log.info("%s", line)
     optimizer = make_optimizer(model, tc)
     state = {"step": 0, "epoch": 0, "position": 0, "elapsed_s": 0.0, "best": None,
              "best_step": None, "evals_without_gain": 0, "tokens": 0}
@@ -162,7 +161,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dic
 
     def evaluate() -> dict:
         model.eval()
-        result, _, _ = evaluate_pairs(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam)
+        result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam)
         model.train()
         return result
 
