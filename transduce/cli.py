@@ -7,18 +7,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 
 def _train(args) -> int:
     from transduce.config import load_config
+    from transduce.training import distributed
     from transduce.training.trainer import train
 
     cfg = load_config(args.config, args.set or [])
+    if args.nproc > 1 and not distributed.launched():  # re-launch as N processes through torchrun
+        argv = ["-v"] * args.verbose + ["train", args.config, "--out", args.out]
+        return distributed.relaunch(args.nproc, argv + [a for s in args.set or [] for a in ("--set", s)])
     state = train(cfg, args.out)
-    print(json.dumps({"step": state["step"], "stop_reason": state["stop_reason"],
-                      "best": state["best"], "best_step": state["best_step"]}))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"step": state["step"], "stop_reason": state["stop_reason"],
+                          "best": state["best"], "best_step": state["best_step"]}))
     return 0
 
 
@@ -38,7 +44,12 @@ def _read_inputs(args) -> list[str]:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return [line[:-1] if line.endswith("\r") else line for line in lines]  # one CRLF's CR; others are text
+
+
+def _one_line(text: str) -> str:
+    """An output as one line: a CR or LF inside it (possible in a character vocabulary) becomes a space."""
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _translate(args) -> int:
@@ -61,9 +72,9 @@ def _translate(args) -> int:
     lines = []
     for hyps in outputs:
         if args.nbest and args.nbest > 1:
-            lines.append("\t".join(hyps))
+            lines.append("\t".join(_one_line(h).replace("\t", " ") for h in hyps))
         else:
-            lines.append(hyps[0])
+            lines.append(_one_line(hyps[0]))
     if args.attention:
         from transduce.attention import attention_records, write_jsonl
 
@@ -243,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory for config, vocabularies, checkpoints, metrics")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=5e-4 (repeatable; value is YAML)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (DistributedDataParallel; gloo on CPU, nccl "
+                        "with train.device=cuda); shortcut for torchrun --standalone --nproc-per-node N "
+                        "-m transduce train ... (see docs/distributed.md for several machines)")
     t.set_defaults(func=_train)
 
     def decoding(q):
@@ -355,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError, PermissionError) as e:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, OSError) as e:
         print(f"transduce {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -108,6 +108,7 @@ class TrainConfig:
     max_bad_steps: int = 20          # consecutive non-finite updates tolerated before stopping
     init_from: Optional[str] = None  # start from another run's best weights (fine-tuning)
     deterministic: bool = False      # torch deterministic algorithms (bitwise-reproducible resume)
+    device: Literal["cpu", "cuda"] = "cpu"  # where to train; cuda under torchrun: one GPU per process, nccl
 
     def validate(self) -> None:
         if self.schedule == "cosine" and self.max_steps <= 0:

@@ -192,11 +192,16 @@ def token_budget_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens:
     return [batches[i] for i in perm]
 
 
+def epoch_plan(data: EncodedPairs, batch_tokens: int, max_pairs: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of each batch of one epoch: the same on every process, reshuffled each epoch."""
+    return token_budget_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens, max_pairs,
+                                seed * 100_003 + epoch)
+
+
 def epoch_batches(data: EncodedPairs, batch_tokens: int, max_pairs: int, seed: int, epoch: int,
                   start: int = 0) -> Iterator[tuple[int, Batch]]:
     """Batches of one epoch, from position `start` (for exact resume)."""
-    plan = token_budget_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens, max_pairs,
-                                seed * 100_003 + epoch)
+    plan = epoch_plan(data, batch_tokens, max_pairs, seed, epoch)
     for pos in range(start, len(plan)):
         yield pos, collate(data, plan[pos], (seed, epoch, pos))
 

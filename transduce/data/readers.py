@@ -49,7 +49,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            if raw.endswith(b"\n"):  # exactly one LF or CRLF: a CR inside the text is kept
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
             try:
                 yield number, raw.decode("utf-8"), None
             except UnicodeDecodeError as e:
@@ -109,8 +110,8 @@ def read_jsonl(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], Read
             continue
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            _emit(pairs, report, skip_invalid, f"{origin}: not valid JSON ({e.msg})", None)
+        except (ValueError, RecursionError) as e:  # also huge integers and deep nesting
+            _emit(pairs, report, skip_invalid, f"{origin}: not valid JSON ({getattr(e, 'msg', e)})", None)
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) \
                 or not isinstance(obj.get("target"), str):

@@ -1,17 +1,25 @@
 """The training loop: read top to bottom.
 
     prepare data and codecs -> build model and optimizer -> resume if a
-    checkpoint exists -> loop over token-budget batches: forward, loss,
-    backward, clip, step, log -> evaluate on dev, keep best, stop early ->
-    final checkpoint.
+    checkpoint exists (refusing a changed config or vocabulary) -> loop over
+    token-budget batches: forward, loss, backward, clip, step, log ->
+    evaluate on dev, keep best, stop early -> final checkpoint.
+
+Under torchrun every process runs this same loop on its shard of each
+update's batches (see `transduce.training.distributed`); rank 0 alone
+writes. A killed run restarted with the same command resumes from its last
+complete checkpoint and, with `train.deterministic` and the same thread
+count, repeats the uninterrupted run's losses bit for bit.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,10 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transduce.checkpoint import (CheckpointError, checkpoint_dir, load_model_tensors, load_tensors,
-                                  optimizer_join, read_checkpoint, read_json, save_checkpoint)
-from transduce.config import Config, load_config, save_config
-from transduce.data.pipeline import epoch_batches, group_references, load_splits, shuffled
+from transduce.checkpoint import (CheckpointError, RunDirWriteError, checkpoint_dir, load_model_tensors,
+                                  load_tensors, optimizer_join, read_checkpoint, read_json, rng_state,
+                                  save_checkpoint, set_rng_state)
+from transduce.config import Config, config_from_dict, load_config, save_config
+from transduce.data.pipeline import (Batch, collate, epoch_plan, group_references,
+                                     load_splits, shuffled)
 from transduce.data.vocab import PAD
 from transduce.inference import LoadedRun, load_codecs
 from transduce.io import atomic_write_text
@@ -30,6 +40,7 @@ from transduce.metrics import is_better
 from transduce.models import build_model
 from transduce.tasks import task_for
 from transduce.training.warmstart import initial_weights
+from transduce.training import distributed
 from transduce.training.schedule import lr_at
 
 log = logging.getLogger("transduce")
@@ -37,7 +48,8 @@ log = logging.getLogger("transduce")
 # Config fields that may change when a run is resumed (budgets and reporting).
 RESUMABLE_CHANGES = {"train.max_steps", "train.max_epochs", "train.max_minutes", "train.log_every",
                      "train.eval_every", "train.patience", "train.keep_checkpoints", "train.save_every",
-                     "train.threads", "decode", "eval.dev_beam", "train.eval_max_items"}
+                     "train.threads", "decode", "eval.dev_beam", "train.eval_max_items", "train.device"}
+CODEC_FILES = ("source_codec.json", "target_codec.json")
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -58,13 +70,83 @@ def _allowed(diff: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
 
 
+def _fixed_part(d: dict, prefix: str = "") -> dict:
+    """The config without the fields a resume may change."""
+    return {k: (_fixed_part(v, f"{prefix}{k}.") if isinstance(v, dict) else v)
+            for k, v in d.items() if not _allowed(f"{prefix}{k}")}
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _codec_texts(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for name in CODEC_FILES:
+        try:
+            out[name] = (run_dir / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CheckpointError(f"{run_dir / name}: missing") from None
+    return out
+
+
+def fingerprint(cfg: Config, codec_texts: dict[str, str]) -> dict:
+    """Hashes of what a resumed run must share with its checkpoint: config and vocabularies."""
+    return {"config": _sha256(json.dumps(_fixed_part(cfg.to_dict()), sort_keys=True)),
+            "source_vocab": _sha256(codec_texts["source_codec.json"]),
+            "target_vocab": _sha256(codec_texts["target_codec.json"])}
+
+
+def codec_differences(old: dict, new: dict) -> str:
+    """What changed between two codec files (dicts), in words."""
+    parts = []
+    if old.get("tokenizer") != new.get("tokenizer"):
+        parts.append(f"tokenizer {old.get('tokenizer', {}).get('kind')!r} -> {new.get('tokenizer', {}).get('kind')!r}"
+                     " or its settings changed")
+    a, b = old.get("symbols", []), new.get("symbols", [])
+    added, removed = [s for s in b if s not in set(a)], [s for s in a if s not in set(b)]
+    if added:
+        parts.append(f"{len(added)} symbols added ({', '.join(map(repr, added[:5]))})")
+    if removed:
+        parts.append(f"{len(removed)} symbols removed ({', '.join(map(repr, removed[:5]))})")
+    if not added and not removed and a != b:
+        parts.append("the same symbols in another order (ids changed)")
+    return "; ".join(parts) or "the file's bytes changed"
+
+
+def check_resumable(cfg: Config, run_dir: Path, ckpt: Path, saved: dict) -> None:
+    """Refuse to resume `ckpt` with a config or vocabulary other than its own, saying what differs."""
+    fp = saved.get("fingerprint", {})
+    texts = _codec_texts(run_dir)
+    now = fingerprint(cfg, texts)
+    if fp.get("config") != now["config"]:
+        if saved.get("config"):
+            old = config_from_dict(saved["config"], str(ckpt / "state.json"))
+        else:  # checkpoints from before fingerprints
+            old = load_config(run_dir / "config.yaml")
+        diffs = [d for d in config_differences(old.to_dict(), cfg.to_dict()) if not _allowed(d)]
+        if diffs:
+            raise CheckpointError(f"{run_dir}: cannot resume with a different config; differences: "
+                                  + "; ".join(diffs) + ". Use a new --out (or train.init_from to fine-tune).")
+    for name in CODEC_FILES:
+        key = name.replace("_codec.json", "_vocab")
+        if key in fp and fp[key] != now[key]:
+            copy = ckpt / name
+            what = (codec_differences(read_json(copy), json.loads(texts[name])) if copy.is_file()
+                    else "its hash differs from the checkpoint's")
+            raise CheckpointError(f"{run_dir / name}: cannot resume with a different vocabulary than "
+                                  f"checkpoint {ckpt.name} was trained with: {what}. Restore the file, or "
+                                  "start a new run (new --out; train.init_from to fine-tune).")
+
+
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embeddings' padding rows (1-D tensors)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused: one kernel over all parameters; the per-tensor loop costs ~10x more on CPU.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -79,54 +161,107 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # the torn last line of a killed run
+                    log.warning("%s: dropping an incomplete line", path)
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif resume_step is None and path.exists():
             path.unlink()
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise RunDirWriteError(f"{self.path}: cannot write ({e.strerror}); training stopped. The last "
+                                   "checkpoint is intact: free space or fix permissions, then run the same "
+                                   "command to resume.") from None
 
 
-def prepare(cfg: Config, run_dir: Path, resuming: bool):
-    """Read data and fit (or, when resuming, reload) the codecs."""
+class _NoLog:
+    """Metrics sink of ranks other than 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+def _check_writable(run_dir: Path) -> CheckpointError | None:
+    """Create the run directory and a file in it; an error that says so if that fails."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return RunDirWriteError(f"{run_dir}: run directory is not writable ({e.strerror}); choose another --out")
+    return None
+
+
+def prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist | None = None):
+    """Read data and fit (or, when resuming, reload) the codecs; rank 0 fits and writes them."""
+    ctx = ctx or distributed.Dist()
     task = task_for(cfg)  # seq2seq, or an encoder-only family's labelling/MLM task
     splits = load_splits(cfg.data, task.read)
     if not splits.train:
         raise ValueError("no training pairs")
-    if resuming:
-        src, tgt = load_codecs(run_dir)
-    else:
-        src, tgt = task.fit_codecs(cfg, splits.train)
-        atomic_write_text(run_dir / "source_codec.json", src.dumps())
-        atomic_write_text(run_dir / "target_codec.json", tgt.dumps())
+    fitted, error = None, None
+    if not resuming and ctx.is_main:
+        try:
+            fitted = task.fit_codecs(cfg, splits.train)
+            atomic_write_text(run_dir / "source_codec.json", fitted[0].dumps())
+            atomic_write_text(run_dir / "target_codec.json", fitted[1].dumps())
+        except Exception as e:
+            error = e
+    ctx.raise_if_any(error)
+    src, tgt = fitted or load_codecs(run_dir)
     data = task.encode(splits.train, src, tgt, cfg, "train")
     return splits, src, tgt, data
 
 
+def _to(b: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return b
+    return Batch(*(t.to(device, non_blocking=True) for t in (b.src, b.src_mask, b.tgt_in, b.labels)))
+
+
 def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dict:
-    """Train (or resume) a model into `run_dir`; returns the final training state."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(run_dir, os.W_OK):
-        raise PermissionError(f"{run_dir}: run directory is not writable")
+    """Train (or resume) a model into `run_dir`; returns the final training state.
+
+    Under torchrun, each process calls this; see `transduce.training.distributed`.
+    """
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: 'cuda', but no CUDA device is available; valid choices: 'cpu', 'cuda'")
+    ctx = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, Path(run_dir), progress, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.Dist) -> dict:
     tc = cfg.train
-    torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+    ctx.raise_if_any(_check_writable(run_dir) if ctx.is_main else None)
+    torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // ctx.local_world))
+    if tc.deterministic and ctx.device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(tc.deterministic)
 
     # -- resume or start ------------------------------------------------------
     last = checkpoint_dir(run_dir, "last")
+    saved, tensors = read_checkpoint(last) if last is not None else (None, None)
     if last is not None:
-        old = load_config(run_dir / "config.yaml")
-        diffs = [d for d in config_differences(old.to_dict(), cfg.to_dict()) if not _allowed(d)]
-        if diffs:
-            raise CheckpointError(f"{run_dir}: cannot resume with a different config; differences: "
-                                  + "; ".join(diffs) + ". Use a new --out (or train.init_from to fine-tune).")
-    save_config(cfg, run_dir / "config.yaml")
+        check_resumable(cfg, run_dir, last, saved)
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(tc.seed)
-    splits, src_codec, tgt_codec, data = prepare(cfg, run_dir, resuming=last is not None)
+    splits, src_codec, tgt_codec, data = prepare(cfg, run_dir, resuming=last is not None, ctx=ctx)
+    codec_texts = _codec_texts(run_dir) if ctx.is_main else {}
     dev_sources, dev_refs = group_references(splits.dev)
     dev_pairs = splits.dev
     if tc.eval_max_items and len(dev_sources) > tc.eval_max_items:
@@ -137,107 +272,158 @@ def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dic
     if last is None:  # train.init_from or model.init_encoder (training/warmstart.py)
         for line in initial_weights(model, cfg, src_codec, tgt_codec):
             log.info("%s", line)
+    model.to(ctx.device)
     optimizer = make_optimizer(model, tc)
     state = {"step": 0, "epoch": 0, "position": 0, "elapsed_s": 0.0, "best": None,
-             "best_step": None, "evals_without_gain": 0, "tokens": 0}
+             "best_step": None, "evals_without_gain": 0, "tokens": 0, "bad_steps": 0}
     if last is not None:
-        saved, tensors = read_checkpoint(last)
         load_model_tensors(model, tensors, last / "model.safetensors")
         optimizer.load_state_dict(optimizer_join(load_tensors(last / "optimizer.safetensors"),
                                                  saved.pop("optimizer")))
-        torch.set_rng_state(load_tensors(last / "rng.safetensors")["torch"])
-        saved.pop("files", None)
+        _restore_rng(last, saved.get("world_size", 1), ctx, tc.seed)
+        for key in ("files", "config", "fingerprint", "world_size"):
+            saved.pop(key, None)
         state.update(saved)
         log.info("resuming %s from step %d (epoch %d, batch %d)", run_dir, state["step"], state["epoch"],
                  state["position"])
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state["step"] if last is not None else None)
+    elif ctx.rank > 0:  # same initial weights everywhere, but each rank its own dropout
+        torch.manual_seed(tc.seed + 1_000_003 * ctx.rank)
+    saved_step = state["step"] if last is not None else None
+    net = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    metrics_log = (MetricsLog(run_dir / "metrics.jsonl", state["step"] if last is not None else None)
+                   if ctx.is_main else _NoLog())
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters; %d training pairs; vocab %d/%d", cfg.model.family, n_params / 1e6,
              len(data.src), len(src_codec.vocab), len(tgt_codec.vocab))
 
     metric = cfg.eval.metrics[0]
     view = LoadedRun(cfg, model, src_codec, tgt_codec, state, run_dir)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if tc.bf16 else nullcontext
+    autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if tc.bf16 else nullcontext
 
     def evaluate() -> dict:
-        model.eval()
-        result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam)
+        """Dev metrics (rank 0 only); decoding runs on the CPU."""
+        eval_model = model
+        if ctx.device.type != "cpu":
+            eval_model = build_model(cfg.model, len(src_codec.vocab), len(tgt_codec.vocab))
+            eval_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        eval_model.eval()
+        result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam,
+                                           model=eval_model)
         model.train()
         return result
 
     def checkpoint(best: bool) -> None:
-        save_checkpoint(run_dir, f"step-{state['step']:07d}", model, optimizer, state, best,
-                        tc.keep_checkpoints)
+        """Every rank's generator states, written with the rest by rank 0."""
+        nonlocal saved_step
+        rng = ctx.gather(rng_state(ctx.device))
+        error = None
+        if ctx.is_main:
+            name = f"step-{state['step']:07d}"
+            meta = dict(state, config=cfg.to_dict(), fingerprint=fingerprint(cfg, codec_texts),
+                        world_size=ctx.world)
+            try:
+                save_checkpoint(run_dir, name, model, optimizer, meta, best, tc.keep_checkpoints,
+                                rng={f"rank{r}.{k}": v for r, d in enumerate(rng) for k, v in d.items()},
+                                texts=codec_texts)
+            except OSError as e:
+                previous = f"step-{saved_step:07d}" if saved_step is not None else None
+                error = RunDirWriteError(
+                    f"{run_dir}: could not write checkpoint {name} ({e.strerror}); training stopped. "
+                    + (f"The previous checkpoint {previous} is intact: free space or fix permissions, then "
+                       "run the same command to resume." if previous else "No checkpoint had been saved yet."))
+        ctx.raise_if_any(error)
+        saved_step = state["step"]
 
     # -- loop -----------------------------------------------------------------
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     from tqdm import tqdm
 
     bar = tqdm(total=tc.max_steps or None, initial=state["step"], disable=not show, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     start_time = time.monotonic() - state["elapsed_s"]
     window_tokens, window_start, window_loss, window_n = 0, time.monotonic(), 0.0, 0
-    bad_steps, stop_reason = 0, None
-    model.train()
+    # Each optimizer update takes `per_update` consecutive batches of the epoch's global plan;
+    # rank r computes batches r, r + N, r + 2N, ... of them (N processes).
+    per_update = tc.accum_steps * ctx.world
 
-    def out_of_budget() -> str | None:
+    def out_of_budget(late: bool) -> str | None:
         if tc.max_steps and state["step"] >= tc.max_steps:
             return "max_steps"
-        if tc.max_minutes and time.monotonic() - start_time >= tc.max_minutes * 60:
+        if late:
             return "max_minutes"
         if tc.max_epochs and state["epoch"] >= tc.max_epochs:
             return "max_epochs"
         return None
 
-    stop_reason = out_of_budget()
+    def late_here() -> bool:
+        return bool(tc.max_minutes) and time.monotonic() - start_time >= tc.max_minutes * 60
+
+    late = bool(tc.max_minutes) and state["elapsed_s"] >= tc.max_minutes * 60
+    stop_reason = out_of_budget(late)
+    model.train()
     while stop_reason is None:
-        batches = epoch_batches(data, tc.batch_tokens, tc.max_batch_pairs, tc.seed, state["epoch"],
-                                start=state["position"])
-        group = []
-        for pos, batch in batches:
-            group.append(batch)
-            if len(group) < tc.accum_steps:
-                continue
-            n_tokens = sum(b.n_tgt_tokens for b in group)
+        plan = epoch_plan(data, tc.batch_tokens, tc.max_batch_pairs, tc.seed, state["epoch"])
+        if len(plan) < per_update:
+            raise ValueError(f"the training data makes {len(plan)} batches per epoch, fewer than the "
+                             f"{per_update} one update needs (train.accum_steps x processes); lower "
+                             "train.batch_tokens or train.accum_steps")
+        # The same number of updates on every rank; the last < per_update batches wait for the next shuffle.
+        for start in range(state["position"], len(plan) - per_update + 1, per_update):
+            picks = [start + ctx.rank + ctx.world * i for i in range(tc.accum_steps)]
+            # The key seeds what a task draws per batch (MLM masks): the same again on resume.
+            cpu_group = [collate(data, plan[j], (tc.seed, state["epoch"], j)) for j in picks]
+            # Losses are summed and divided by the target tokens of the whole update on all ranks.
+            n_tokens, step_tokens = ctx.all_sum([sum(b.n_tgt_tokens for b in cpu_group),
+                                                 sum(b.n_src_tokens + b.n_tgt_tokens for b in cpu_group)])
+            group = [_to(b, ctx.device) for b in cpu_group]
             lr = lr_at(state["step"], tc)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = 0.0
-            for b in group:
-                with autocast():
-                    logits = model(b)
-                loss = sequence_loss(logits, b.labels, tc.label_smoothing) / n_tokens
-                loss.backward()
+            for i, b in enumerate(group):
+                # DDP averages gradients over ranks: scaling by N makes the update that of the summed loss.
+                sync = net.no_sync() if ctx.active and i < len(group) - 1 else nullcontext()
+                with sync:
+                    with autocast():
+                        logits = net(b)
+                    loss = sequence_loss(logits, b.labels, tc.label_smoothing) * ctx.world / n_tokens
+                    loss.backward()
                 loss_sum += float(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
-            step_tokens = sum(b.n_src_tokens + b.n_tgt_tokens for b in group)
-            group = []
-            state["position"] = pos + 1
-            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf")))
+            loss_sum, any_late = ctx.all_sum([loss_sum / ctx.world, float(late_here())])
+            late = any_late > 0
+            state["position"] = start + per_update
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                # Skip the update; the schedule does not advance. Every rank sees the same sums.
                 optimizer.zero_grad(set_to_none=True)
-                bad_steps += 1
-                log.warning("step %d: non-finite loss %.4g or gradient norm %.4g; update skipped "
-                            "(epoch %d, batch %d)", state["step"], loss_sum, float(grad_norm),
-                            state["epoch"], pos)
-                metrics_log.write({"step": state["step"], "skipped": True, "loss": str(loss_sum),
-                                   "grad_norm": str(float(grad_norm)), "epoch": state["epoch"], "batch": pos})
-                if bad_steps >= tc.max_bad_steps:
+                state["bad_steps"] += 1
+                log.warning("update %d: non-finite loss %.4g or gradient norm %.4g; skipped "
+                            "(epoch %d, batches %d-%d)", state["step"] + 1, loss_sum, grad_norm,
+                            state["epoch"], start, start + per_update - 1)
+                metrics_log.write({"step": state["step"] + 1, "skipped": True, "loss": str(loss_sum),
+                                   "grad_norm": str(grad_norm), "epoch": state["epoch"], "batch": start,
+                                   "batches": per_update})
+                if state["bad_steps"] >= tc.max_bad_steps:
                     stop_reason = "non_finite"
                     break
                 continue
-            bad_steps = 0
+            state["bad_steps"] = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["tokens"] += step_tokens
-            window_tokens += step_tokens
+            state["tokens"] += int(step_tokens)
+            window_tokens += int(step_tokens)
             window_loss += loss_sum
             window_n += 1
             bar.update(1)
             if state["step"] % tc.log_every == 0:
                 now = time.monotonic()
                 rec = {"step": state["step"], "epoch": state["epoch"], "loss": round(window_loss / window_n, 5),
-                       "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                       "loss_exact": window_loss / window_n, "lr": lr, "grad_norm": round(grad_norm, 4),
                        "tokens_per_s": round(window_tokens / max(1e-9, now - window_start), 1),
                        "elapsed_s": round(now - start_time, 1)}
                 metrics_log.write(rec)
@@ -247,10 +433,10 @@ def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dic
                     log.info("step %d loss %.4f lr %.2e %.0f tok/s", rec["step"], rec["loss"], lr,
                              rec["tokens_per_s"])
                 window_tokens, window_start, window_loss, window_n = 0, now, 0.0, 0
-            stop_reason = out_of_budget()
+            stop_reason = out_of_budget(late)
             if tc.eval_every and state["step"] % tc.eval_every == 0 and stop_reason is None:
                 state["elapsed_s"] = time.monotonic() - start_time
-                if _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience):
+                if _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience, ctx):
                     stop_reason = "patience"
                 window_tokens, window_start = 0, time.monotonic()  # tokens/s counts training only
             elif tc.save_every and state["step"] % tc.save_every == 0:
@@ -262,20 +448,38 @@ def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dic
         else:
             state["epoch"] += 1
             state["position"] = 0
-            stop_reason = out_of_budget()
+            stop_reason = out_of_budget(late)
     bar.close()
     state["elapsed_s"] = time.monotonic() - start_time
     if stop_reason == "non_finite":
+        kept = f"checkpoints/step-{saved_step:07d} is kept" if saved_step is not None else "no checkpoint was saved"
         raise FloatingPointError(
-            f"{tc.max_bad_steps} consecutive updates had a non-finite loss or gradient; stopped. "
-            "The last good checkpoint is kept. Try a lower train.lr, a longer train.warmup_steps, "
-            "train.clip_norm, or bf16: false.")
-    if state["step"] > 0 and _latest_step(run_dir) != state["step"]:
-        _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience)
+            f"{tc.max_bad_steps} consecutive updates had a non-finite loss or gradient (the last at epoch "
+            f"{state['epoch']}, batch {state['position'] - per_update}); stopped, {kept}. Try a lower "
+            "train.lr, a longer train.warmup_steps, train.clip_norm > 0, bf16: false, or check the data "
+            "(see the skipped updates in metrics.jsonl).")
+    if state["step"] > 0 and saved_step != state["step"]:
+        _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience, ctx)
     state["stop_reason"] = stop_reason
     log.info("stopped (%s) at step %d after %.1f min; best dev %s %s at step %s", stop_reason, state["step"],
              state["elapsed_s"] / 60, metric, state["best"], state["best_step"])
     return state
+
+
+def _restore_rng(path: Path, saved_world: int, ctx: distributed.Dist, seed: int) -> None:
+    """This rank's generators as the checkpoint left them."""
+    tensors = load_tensors(path / "rng.safetensors")
+    prefix = f"rank{ctx.rank}."
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not mine and ctx.rank == 0 and "torch" in tensors:  # checkpoints from before per-rank states
+        mine = tensors
+    if saved_world != ctx.world:
+        log.warning("resuming with %d processes a run saved by %d: updates take other batches, so the run "
+                    "will not repeat the uninterrupted one exactly", ctx.world, saved_world)
+    if mine:
+        set_rng_state(mine, ctx.device)
+    else:
+        torch.manual_seed(seed + 1_000_003 * ctx.rank)
 
 
 def _left(tc, elapsed: float) -> str:
@@ -285,23 +489,25 @@ def _left(tc, elapsed: float) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
-def _latest_step(run_dir: Path) -> int | None:
-    index = run_dir / "checkpoints" / "index.json"
-    if not index.exists():
-        return None
-    return int(read_json(index)["last"].split("-")[1])
-
-
-def _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, patience: int) -> bool:
-    """Evaluate on dev, write metrics and a checkpoint; True if patience ran out."""
-    t = time.monotonic()
-    result = evaluate()
-    best = is_better(metric, result[metric], state["best"])
-    if best:
-        state["best"], state["best_step"], state["evals_without_gain"] = result[metric], state["step"], 0
-    else:
-        state["evals_without_gain"] += 1
-    metrics_log.write({"step": state["step"], "dev": result, "eval_s": round(time.monotonic() - t, 2)})
-    log.info("step %d dev %s", state["step"], json.dumps(result))
-    checkpoint(best=best)
-    return bool(patience) and state["evals_without_gain"] >= patience
+def _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, patience: int,
+                       ctx: distributed.Dist) -> bool:
+    """Evaluate on dev (rank 0), write metrics and a checkpoint; True if patience ran out."""
+    best, stop, error = False, False, None
+    if ctx.is_main:
+        try:
+            t = time.monotonic()
+            result = evaluate()
+            best = is_better(metric, result[metric], state["best"])
+            if best:
+                state["best"], state["best_step"], state["evals_without_gain"] = result[metric], state["step"], 0
+            else:
+                state["evals_without_gain"] += 1
+            metrics_log.write({"step": state["step"], "dev": result, "eval_s": round(time.monotonic() - t, 2)})
+            log.info("step %d dev %s", state["step"], json.dumps(result))
+            stop = bool(patience) and state["evals_without_gain"] >= patience
+        except Exception as e:
+            error = e
+    ctx.raise_if_any(error)
+    best, stop = ctx.from_main([float(best), float(stop)])
+    checkpoint(best=bool(best))
+    return bool(stop)

@@ -1,0 +1,201 @@
+"""Any Unicode text in, no crash out: tokenizers, readers and `translate`'s line handling (property tests)."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from transduce.cli import _read_inputs
+from transduce.config import TokenizerConfig
+from transduce.data.readers import DataError, read_aligned, read_jsonl, read_lines, read_tsv
+from transduce.data.vocab import TextCodec
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Characters that break naive text handling; mixed into the generated text.
+TRICKY = ["\x00", "\ufeff", "\r\n", "\r", "\n", "\u2028", "\u2029", "\x85", "\x0b", "\x1c", "e\u0301",
+          "\u0301", "\U0001F600", "\u200d", "İ", "ß", "\t", "  ", "\u3000", "<unk>", "</s>", "▁"]
+# Any Unicode scalar value (surrogates cannot come from UTF-8 input).
+any_char = st.characters(blacklist_categories=("Cs",))
+text = st.lists(st.one_of(st.text(any_char, max_size=8), st.sampled_from(TRICKY)), max_size=20).map("".join)
+CORPUS = ["hello world", "the cat sat on the mat", "naïve café", "日本語のテキスト", "e\u0301 combining",
+          "tab\there", "emoji \U0001F600 here", "x" * 50] * 5
+KINDS = ["char", "whitespace", "bpe", "unigram"]
+
+
+@pytest.fixture(scope="module")
+def codecs():
+    return {(kind, low): TextCodec.fit(TokenizerConfig(kind=kind, lowercase=low, vocab_size=60), CORPUS)
+            for kind in KINDS for low in (False, True)}
+
+
+def check_codec(codec: TextCodec, s: str) -> None:
+    ids = codec.encode(s)
+    n = len(codec.vocab)
+    assert all(isinstance(i, int) and 0 <= i < n for i in ids)
+    assert isinstance(codec.decode(ids), str)
+
+
+@SETTINGS
+@given(s=text)
+@example(s="x" * 100_000)
+@example(s=("ab " * 30_000))
+@example(s="\x00\ufeff\r\n\u2028e\u0301")
+def test_encode_any_text_gives_ids_in_range(codecs, s):
+    for codec in codecs.values():
+        check_codec(codec, s)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_decode_any_in_range_ids(codecs, data):
+    for codec in codecs.values():
+        ids = data.draw(st.lists(st.integers(0, len(codec.vocab) - 1), max_size=40))
+        assert isinstance(codec.decode(ids), str)
+        assert isinstance(codec.symbols(ids), list)
+
+
+@settings(max_examples=25, deadline=None)
+@given(corpus=st.lists(text, min_size=1, max_size=6), kind=st.sampled_from(KINDS), probe=text)
+def test_fit_on_any_corpus_then_encode(corpus, kind, probe):
+    try:
+        codec = TextCodec.fit(TokenizerConfig(kind=kind, vocab_size=40), corpus)
+    except ValueError as e:  # unigram needs a vocabulary that holds every character: said clearly
+        assert kind == "unigram" and "vocab_size=40" in str(e) and "distinct characters" in str(e)
+        return
+    for s in corpus + [probe]:
+        check_codec(codec, s)
+    assert TextCodec.from_dict(json.loads(codec.dumps())).encode(probe) == codec.encode(probe)
+
+
+# ---------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------
+
+# A field as it can appear in a line: no tab or LF, something besides white space.
+field = text.map(lambda s: s.replace("\t", " ").replace("\n", " ")).filter(lambda s: s.strip())
+
+
+def no_trailing_cr(s: str) -> bool:
+    return not s.endswith("\r")  # "x\r\n" is a CRLF line end, so a trailing CR is not data
+
+
+@SETTINGS
+@given(pairs=st.lists(st.tuples(field, field), min_size=1, max_size=8), crlf=st.booleans())
+@example(pairs=[("a\r", "b\r"), ("\ra", "\rc\r")], crlf=True)
+def test_tsv_round_trip(tmp_path, pairs, crlf):
+    if pairs[0][0].startswith("\ufeff"):
+        pairs[0] = ("x" + pairs[0][0], pairs[0][1])  # a BOM at the start of a file is not data
+    if not crlf:  # "x\r\n" is a CRLF line end, so before LF a trailing CR is not data
+        pairs = [(s, t + "x" if t.endswith("\r") else t) for s, t in pairs]
+    end = "\r\n" if crlf else "\n"
+    path = tmp_path / "d.tsv"
+    path.write_bytes("".join(f"{s}\t{t}{end}" for s, t in pairs).encode("utf-8"))
+    got, report = read_tsv(path)
+    assert [(p.source, p.target) for p in got] == pairs and report.skipped == 0
+
+
+@SETTINGS
+@given(pairs=st.lists(st.tuples(text.filter(str.strip), text.filter(str.strip)), min_size=1, max_size=8))
+def test_jsonl_round_trip(tmp_path, pairs):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n" for s, t in pairs),
+                    encoding="utf-8")
+    got, _ = read_jsonl(path)
+    assert [(p.source, p.target) for p in got] == pairs
+
+
+@SETTINGS
+@given(lines=st.lists(field.filter(no_trailing_cr), min_size=1, max_size=8))
+def test_aligned_round_trip(tmp_path, lines):
+    lines = ["x" + s if s.startswith("\ufeff") else s for s in lines]
+    src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
+    src.write_text("".join(s + "\n" for s in lines), encoding="utf-8", newline="")
+    tgt.write_text("".join("y" + s[::-1] + "y\n" for s in lines), encoding="utf-8", newline="")
+    got, _ = read_aligned(src, tgt)
+    assert [(p.source, p.target) for p in got] == [(s, "y" + s[::-1] + "y") for s in lines]
+
+
+raw_bytes = st.one_of(st.binary(max_size=300), text.map(lambda s: s.encode("utf-8")))
+
+
+@SETTINGS
+@given(data=raw_bytes, other=raw_bytes)
+@example(data=b"[" * 100_000 + b"\n", other=b"x\n")
+@example(data=b'{"source": ' + b"1" * 5000 + b"}\n", other=b"")
+@example(data=b"\xef\xbb\xbfa\tb\r\n\xff\xfe\tq\n", other=b"\xc3\n")
+def test_readers_never_crash(tmp_path, data, other):
+    """Arbitrary bytes: pairs, or a DataError naming file and line; with skip_invalid, never an error."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(data)
+    b.write_bytes(other)
+    n_lines = len(data.split(b"\n")) - (1 if data.endswith(b"\n") or not data else 0)
+    for read in (read_tsv, read_jsonl, lambda p, skip: read_aligned(p, b, skip)):
+        try:
+            read(a, False)
+        except DataError as e:
+            assert str(a) in str(e) or str(b) in str(e)
+        if read is not read_tsv and read is not read_jsonl:
+            continue  # misaligned files are an error even when skipping
+        pairs, report = read(a, True)
+        assert report.read + report.skipped == n_lines == len(pairs) + report.skipped
+    try:
+        assert len(read_lines(a)) == n_lines
+    except DataError as e:
+        assert f"{a}:" in str(e)
+
+
+# ---------------------------------------------------------------------------
+# translate: one output line per input line
+# ---------------------------------------------------------------------------
+
+def stdin_lines(monkeypatch, data: bytes) -> list[str]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    return _read_inputs(argparse.Namespace(input=None))
+
+
+input_line = text.map(lambda s: s.replace("\n", " "))
+
+
+@SETTINGS
+@given(lines=st.lists(input_line, max_size=10), crlf=st.booleans(), final_newline=st.booleans())
+@example(lines=["a\rb", "", "\x00", "x\u2028y", "", "\u2029\x85\x0b\x0c"], crlf=False, final_newline=True)
+@example(lines=["a\r", "\r", "", "b"], crlf=True, final_newline=False)
+def test_read_inputs_keeps_every_line(tmp_path, monkeypatch, lines, crlf, final_newline):
+    if not crlf:
+        lines = [s + "x" if no_trailing_cr(s) is False else s for s in lines]
+    if lines and lines[0].startswith("\ufeff"):
+        lines[0] = "x" + lines[0]
+    if lines and not final_newline and lines[-1] == "":
+        lines[-1] = "x"  # without a final newline, a last empty line does not exist
+    end = "\r\n" if crlf else "\n"
+    data = (end.join(lines) + (end if final_newline else "")).encode("utf-8") if lines else b""
+    assert stdin_lines(monkeypatch, data) == lines
+    path = tmp_path / "in.txt"
+    path.write_bytes(data)
+    assert read_lines(path) == lines
+
+
+def test_read_inputs_bom_and_bad_utf8(monkeypatch):
+    assert stdin_lines(monkeypatch, b"\xef\xbb\xbfcat\r\n\r\ndog") == ["cat", "", "dog"]
+    with pytest.raises(ValueError, match="<stdin>:2: invalid UTF-8"):
+        stdin_lines(monkeypatch, b"ok\n\xff\n")
+
+
+def test_translate_writes_one_line_per_input(monkeypatch, capsys):
+    """Through the command: empty lines, CR, NUL and U+2028 inside lines, and outputs that contain CR/LF."""
+    import transduce.cli as cli
+    import transduce.inference as inference
+
+    inputs = ["a\rb", "", "\x00", "x\u2028y", "", "last"]
+    monkeypatch.setattr(inference, "load_run", lambda path: None)
+    monkeypatch.setattr(inference, "translate", lambda run, sources, *a, **k: [[f"{s}\n{s}\r"] for s in sources])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(inputs).encode())))
+    assert cli.main(["translate", "--model", "unused"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and len(out.split("\n")) == len(inputs) + 1
+    assert out.split("\n")[3] == "x\u2028y x\u2028y "
