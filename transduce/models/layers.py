@@ -38,7 +38,7 @@ class Dropout(nn.Module):
         n = x.numel()
         bytes_ = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_()
         keep = bytes_.view(torch.uint8)[:n].view(x.shape) >= self.threshold
-        return x.masked_fill(~keep, 0.0) * (256.0 / (256 - self.threshold))
+        return torch.where(keep, x * (256.0 / (256 - self.threshold)), 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.threshold}/256"
