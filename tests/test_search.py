@@ -19,9 +19,9 @@ def sources(name, b=6, seed=0):
     return batch.src, batch.src_mask
 
 
-def test_beam_one_equals_greedy(model_name):
-    model = make_model(model_name, seed=5)
-    src, mask = sources(model_name, b=8, seed=5)
+def test_beam_one_equals_greedy(decoding_model_name):
+    model = make_model(decoding_model_name, seed=5)
+    src, mask = sources(decoding_model_name, b=8, seed=5)
     g = greedy(model, src, mask, 1.0, 3)
     b = beam_search(model, src, mask, beam=1, nbest=1, length_penalty=0.0, max_len_a=1.0, max_len_b=3)
     assert [h[0].tokens for h in g] == [h[0].tokens for h in b]
@@ -39,10 +39,10 @@ def sequence_logprob(model, src, mask, tokens: list[int]) -> float:
     return float(logp[0].gather(1, labels[0][:, None]).sum())
 
 
-def test_beam_search_is_exact_on_tiny_model(model_name):
+def test_beam_search_is_exact_on_tiny_model(decoding_model_name):
     # Target vocabulary: 4 specials + 2 symbols (+ <unk>); outputs of up to 3 symbols.
-    model = make_model(model_name, seed=7, tgt_v=6)
-    src_v, _ = vocab_sizes(model_name)
+    model = make_model(decoding_model_name, seed=7, tgt_v=6)
+    src_v, _ = vocab_sizes(decoding_model_name)
     src_v = 6 if src_v == 11 else src_v  # shared-embedding model has one 6-symbol vocabulary
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)

@@ -134,8 +134,11 @@ class SubwordTokenizer:
         return self.hf.decoder.decode(symbols)
 
     def symbols(self) -> list[str]:
+        """Our specials first, then the trained pieces in their id order. The trainer does not
+        always give the specials ids 0..3 (unigram can move <unk>); pieces map through our
+        Vocab, so its ids need not equal the tokenizer's."""
         vocab = self.hf.get_vocab()
-        return [s for s, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        return SPECIALS + [s for s, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if s not in SPECIALS]
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "lowercase": self.lowercase, "hf_json": self.hf.to_str()}
