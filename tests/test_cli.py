@@ -113,3 +113,16 @@ def test_bad_data_stops_before_training(tmp_path):
     p = cli("train", str(cfg), "--out", str(tmp_path / "r"), check=False)
     assert p.returncode == 2 and f"{bad}:2: no tab" in p.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_attention_command_and_translate_attention(run_dir, tmp_path):
+    png = tmp_path / "a.png"
+    p = cli("attention", "--model", str(run_dir), "--input", "cat", "--output", str(png), "--head", "0")
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["shown"] == "layer 0, head 0" and png.read_bytes()[:4] == b"\x89PNG"
+    jl = tmp_path / "a.jsonl"
+    p = cli("translate", "--model", str(run_dir), "--attention", str(jl), stdin="cat\n\ndog\n")
+    records = [json.loads(line) for line in jl.read_text().splitlines()]
+    assert [r["source"] for r in records] == ["cat", "", "dog"]
+    assert [r["output"] for r in records] == p.stdout.split("\n")[:3]
+    assert len(records[0]["attention"][0][0][0]) == 3  # layer 0, head 0, step 0: over 3 source chars

@@ -180,3 +180,20 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def reorder_cache(cache: list, rows: torch.Tensor, end: int) -> list:
+    """Per layer (k, v) buffers (N, H, T_max, dh) with rows `rows`, positions [0, end) kept.
+
+    Same row count (beam selection): rows are gathered in place, into the
+    preallocated buffers. Fewer rows (finished sources dropped): new buffers.
+    """
+    out = []
+    for k, v in cache:
+        if rows.numel() == k.shape[0]:
+            k[:, :, :end] = k[rows, :, :end]
+            v[:, :, :end] = v[rows, :, :end]
+        else:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        out.append((k, v))
+    return out

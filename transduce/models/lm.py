@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from transduce.models.base import EncoderDecoderModel
-from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights
+from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights, reorder_cache
 
 
 @dataclass
@@ -251,16 +251,7 @@ class SingleStack(EncoderDecoderModel):
             if batch is None:
                 return state
             rows = (batch[:, None] * state.beam + torch.arange(state.beam)).reshape(-1)
-        end = state.s + state.t
-        new_cache = []
-        for k, v in state.cache:
-            if rows.numel() == k.shape[0]:
-                k[:, :, :end] = k[rows, :, :end]
-                v[:, :, :end] = v[rows, :, :end]
-            else:
-                k, v = k.index_select(0, rows), v.index_select(0, rows)
-            new_cache.append((k, v))
-        state.cache = new_cache
+        state.cache = reorder_cache(state.cache, rows, state.s + state.t)
         state.src_mask = state.src_mask.index_select(0, rows)
         state.src_len = state.src_len.index_select(0, rows)
         return state

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from transduce.models.base import EncoderDecoderModel, EncoderOutput
-from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights
+from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights, reorder_cache
 
 
 @dataclass
@@ -255,16 +255,7 @@ class Transformer(EncoderStack):
             state.mem_kv = [(k.index_select(0, batch), v.index_select(0, batch)) for k, v in state.mem_kv]
             state.src_mask = state.src_mask.index_select(0, batch)
         if rows is not None:
-            t = state.t
-            new_cache = []
-            for k, v in state.cache:
-                if rows.numel() == k.shape[0]:
-                    k[:, :, :t] = k[rows, :, :t]
-                    v[:, :, :t] = v[rows, :, :t]
-                else:
-                    k, v = k.index_select(0, rows), v.index_select(0, rows)
-                new_cache.append((k, v))
-            state.cache = new_cache
+            state.cache = reorder_cache(state.cache, rows, state.t)
         return state
 
     def describe(self) -> dict:
