@@ -1,4 +1,4 @@
-"""Command line: `transduce train | translate | evaluate | classify | tag | generate | info`.
+"""Command line: `transduce train | translate | evaluate | classify | tag | generate | score | info`.
 
 A thin layer over importable functions; every option is documented in --help.
 """
@@ -91,10 +91,11 @@ def _evaluate(args) -> int:
     from transduce.data.pipeline import load_splits
     from transduce.data.readers import read_pairs
     from transduce.inference import evaluate_pairs, load_run
+    from transduce.tasks import task_for
 
     run = load_run(args.model)
     _threads(args.threads)
-    if not run.model.can_decode:  # encoder-only: its task predicts and scores labels
+    if not run.model.can_decode or task_for(run.config).name != "seq2seq":  # the task reads and scores
         return _evaluate_labels(args, run)
     if args.data:
         pairs, _ = read_pairs(args.data, format=run.config.data.format)
@@ -121,11 +122,12 @@ def _evaluate(args) -> int:
 
 def _evaluate_labels(args, run) -> int:
     from transduce.data.pipeline import load_splits
+    from transduce.data.readers import read_pairs
     from transduce.tasks import task_for
 
     task = task_for(run.config)
     if args.data:
-        pairs, _ = task.read(args.data)
+        pairs, _ = (task.read or read_pairs)(args.data)
         name = args.data
     else:
         pairs = getattr(load_splits(run.config.data, task.read), args.split)
@@ -135,7 +137,7 @@ def _evaluate_labels(args, run) -> int:
         if m not in task.metrics:
             raise ValueError(f"--metrics: {m!r} does not apply to a {run.config.model.family} model; valid "
                              "choices: " + ", ".join(task.metrics))
-    result, rows = task.evaluate(run, pairs, metrics, batch_size=args.batch_size)
+    result, rows = task.evaluate(run, pairs, metrics, beam=args.beam, batch_size=args.batch_size)
     for s, h, r in rows[: args.show]:
         print(f"{s}\t{h}\t{'OK' if h in r else 'ref: ' + ' | '.join(r)}")
     print(json.dumps({"data": name, "items": len(rows), **result}))
@@ -186,6 +188,20 @@ def _generate(args) -> int:
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        max_len=args.max_len)
     sys.stdout.write("".join(o + "\n" for o in outputs))
+    return 0
+
+
+def _score(args) -> int:
+    from transduce.inference import load_run
+    from transduce.tasks import task_for
+
+    run = load_run(args.model)
+    task = task_for(run.config)
+    if not run.model.can_decode:
+        raise ValueError(f"{args.model}: a {run.config.model.family} model has no decoder to score with")
+    _threads(args.threads)
+    scores = task.score(run, _read_inputs(args), args.batch_size)
+    _write_lines(args, ["" if v is None else f"{v:.6f}" for v in scores])
     return 0
 
 
@@ -352,6 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--max-len", type=int, help="most tokens to generate (default: decode.max_len_a/b of the run)")
     ge.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     ge.set_defaults(func=_generate)
+
+    sc = sub.add_parser("score", help="reconstruction loss of each line (anomaly score)",
+                        description="Write, for each input line, the mean negative log-likelihood per target "
+                                    "token (</s> included; teacher-forced, no label smoothing): of the line "
+                                    "reconstructed from itself without noise for data.objective 'denoise' "
+                                    "runs (autoencoders: higher = less like the training data), of the line "
+                                    "for plain-text language models, of `source<TAB>target` otherwise. "
+                                    "Order preserved; empty lines give empty lines.")
+    sc.add_argument("--model", required=True, help="run directory")
+    sc.add_argument("--input", help="input file (default: stdin)")
+    sc.add_argument("--output", help="output file (default: stdout)")
+    sc.add_argument("--batch-size", type=int, help="lines scored together; default decode.batch_size of the run")
+    sc.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    sc.set_defaults(func=_score)
 
     info = sub.add_parser("info", help="describe a trained run",
                           description="Family, sizes, parameter count, vocabularies and training state.")

@@ -9,6 +9,7 @@ next to its code (see `transduce.models`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,9 +54,81 @@ class CmudictConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """How data.objective 'denoise' corrupts each source (BART; Lewis et al. 2020), in this order
+    (transduce/data/noise.py); all zero: no noise, a sequence autoencoder."""
+    shuffle_distance: int = 0        # local shuffle: each symbol moves at most this many places (0 = off)
+    delete_rate: float = 0.0         # each symbol is deleted with this probability (one always stays)
+    mask_rate: float = 0.0           # share of the symbols inside masked spans (text infilling)
+    span_lambda: float = 3.0         # span lengths ~ Poisson(lambda); a span -> one <mask> (length 0: inserted)
+
+    def validate(self) -> None:
+        if self.shuffle_distance < 0:
+            raise ValueError("shuffle_distance must be >= 0")
+        if not (0.0 <= self.delete_rate < 1.0 and 0.0 <= self.mask_rate < 1.0):
+            raise ValueError("delete_rate and mask_rate must be in [0, 1)")
+        if self.span_lambda <= 0:
+            raise ValueError("span_lambda must be positive")
+
+
+@dataclass
+class MixTaskConfig:
+    """One task of data.dataset 'multitask' (transduce/data/multitask.py)."""
+    name: str = ""                   # prefix of its sources ("g2p" -> "g2p: hello"); groups evaluation
+    # cmudict: spelling -> phonemes (data.cmudict settings); num2words: "LANG DIGITS" -> number
+    # in words, generated with the num2words package; files: pairs in train/dev/test
+    dataset: Literal["cmudict", "num2words", "files"] = "cmudict"
+    inverse: bool = False            # swap source and target (cmudict inverse: phonemes -> spelling)
+    weight: float = 1.0              # share of each epoch's training examples (relative to the others)
+    langs: list[str] = field(default_factory=list)  # num2words languages (e.g. en, fr, de, es)
+    numbers: int = 3000              # num2words: how many numbers per language
+    max_number: int = 100000         # num2words: numbers drawn from 0..max_number
+    train: Optional[str] = None      # files: pairs (.tsv, .jsonl or src|tgt), as data.train
+    dev: Optional[str] = None
+    test: Optional[str] = None
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            raise ValueError(f"name {self.name!r}: give a task name of letters, digits, _ or -")
+        if self.weight <= 0:
+            raise ValueError(f"task {self.name!r}: weight must be positive")
+        if self.dataset == "num2words":
+            if not self.langs:
+                raise ValueError(f"task {self.name!r}: dataset 'num2words' needs langs (e.g. [en, fr])")
+            if self.numbers < 1 or self.max_number < self.numbers:
+                raise ValueError(f"task {self.name!r}: need 1 <= numbers <= max_number")
+        elif self.langs:
+            raise ValueError(f"task {self.name!r}: langs applies to dataset 'num2words' only")
+        if self.dataset == "files" and not self.train:
+            raise ValueError(f"task {self.name!r}: dataset 'files' needs train")
+        if self.dataset != "files" and (self.train or self.dev or self.test):
+            raise ValueError(f"task {self.name!r}: train/dev/test apply to dataset 'files' only")
+
+
+@dataclass
+class MultitaskConfig:
+    tasks: list[MixTaskConfig] = field(default_factory=list)  # the mixed tasks; each source gets "name: "
+    epoch_examples: int = 0          # training examples per epoch, shared by weight (0 = all tasks' total)
+
+    def validate(self) -> None:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: task names must differ ({', '.join(names)})")
+        if self.epoch_examples < 0:
+            raise ValueError("epoch_examples must be >= 0")
+
+
+@dataclass
 class DataConfig:
-    dataset: Optional[Literal["cmudict"]] = None  # a built-in dataset instead of files
+    # A built-in dataset instead of files; "multitask": the tasks of data.multitask, mixed (T5).
+    dataset: Optional[Literal["cmudict", "multitask"]] = None
     cmudict: CmudictConfig = field(default_factory=CmudictConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    # What a family with a decoder learns: "seq2seq", each source's target; "denoise",
+    # each line of plain text (format: text) back from a copy corrupted by data.noise
+    # (BART pretraining; without noise, a sequence autoencoder). See transduce/tasks.py.
+    objective: Literal["seq2seq", "denoise"] = "seq2seq"
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     # Files: a .tsv (source<TAB>target), a .jsonl ({"source":..,"target":..}),
     # or a pair "src_file|tgt_file" of line-aligned files.
     train: Optional[str] = None
@@ -71,6 +144,14 @@ class DataConfig:
     target_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def validate(self) -> None:
+        if self.dataset == "multitask" and not self.multitask.tasks:
+            raise ValueError("dataset 'multitask' needs multitask.tasks")
+        if self.multitask.tasks and self.dataset != "multitask":
+            raise ValueError("multitask.tasks applies to dataset 'multitask' only")
+        if self.objective == "denoise" and self.format != "text":
+            raise ValueError("objective 'denoise' reads plain text: set format: text")
+        if self.noise != NoiseConfig() and self.objective != "denoise":
+            raise ValueError("noise applies to objective 'denoise' only")
         if self.format == "text" and self.dataset:
             raise ValueError(f"format 'text' reads the files in data.train/dev/test; it does not apply "
                              f"to dataset {self.dataset!r}")
@@ -304,10 +385,12 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     except ConfigError as e:
         raise ConfigError(f"{source}: key {e}") from None
     cfg.model = model
-    if cfg.data.format == "text" and not getattr(model, "reads_without_source", False):
+    if (cfg.data.format == "text" and cfg.data.objective != "denoise"
+            and not getattr(model, "reads_without_source", False)):
         able = [f for f, c in MODEL_CONFIGS.items() if getattr(c, "reads_without_source", False)]
         raise ConfigError(f"{source}: key data.format: 'text' (a language model, no source) needs a family "
-                          f"that reads without a source; valid choices for model.family: {', '.join(able)}")
+                          f"that reads without a source; valid choices for model.family: {', '.join(able)} "
+                          "(or data.objective: 'denoise', which makes the source from the line)")
     fits = getattr(model, "validate_data", None)  # checks of the model against the data limits
     if fits is not None:
         try:

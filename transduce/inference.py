@@ -129,6 +129,29 @@ def perplexity(run: LoadedRun, pairs, model=None) -> float:
     return math.exp(nll / n)
 
 
+@torch.no_grad()
+def sequence_nll(model, srcs: list[list[int]], tgts: list[list[int]], batch_size: int) -> list[float]:
+    """Mean negative log-likelihood per target token (</s> included) of each (source, target) of ids,
+    teacher-forced, no label smoothing; in input order. Batched by length (padding changes no
+    real position)."""
+    import torch.nn.functional as F
+
+    from transduce.data.pipeline import EncodedPairs, TokenArray
+
+    out = [0.0] * len(srcs)
+    order = sorted(range(len(srcs)), key=lambda i: (len(srcs[i]), len(tgts[i])))
+    for k in range(0, len(order), batch_size):
+        idx = order[k: k + batch_size]
+        batch = EncodedPairs(TokenArray([srcs[i] for i in idx]), TokenArray([tgts[i] for i in idx])) \
+            .collate(list(range(len(idx))))
+        logits = model(batch).float()                                    # (B, T, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), batch.labels, ignore_index=PAD, reduction="none")  # (B, T)
+        per_token = nll.sum(1) / (batch.labels != PAD).sum(1)
+        for j, i in enumerate(idx):
+            out[i] = float(per_token[j])
+    return out
+
+
 def generate(run: LoadedRun, prompt: str, beam: int = 1, num: int = 1, sampling: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              max_len: int | None = None) -> list[str]:
@@ -146,7 +169,7 @@ def generate(run: LoadedRun, prompt: str, beam: int = 1, num: int = 1, sampling:
     if sampling and beam > 1:
         raise ValueError("sampling draws each output on its own; it takes no beam")
     cfg = run.config.decode
-    if run.config.data.format == "text":
+    if run.config.data.format == "text" and run.config.data.objective != "denoise":
         src_ids, prefix = [], run.target.encode(prompt)
     else:
         src_ids, prefix = run.source.encode(prompt), []

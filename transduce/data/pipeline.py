@@ -39,6 +39,11 @@ def load_splits(cfg: DataConfig, read=None) -> Splits:
 
         s = load_cmudict(cfg.cmudict)
         return Splits(s["train"], s["dev"], s["test"])
+    if cfg.dataset == "multitask":
+        from transduce.data.multitask import load_multitask
+
+        s = load_multitask(cfg)
+        return Splits(s["train"], s["dev"], s["test"])
     if not cfg.train:
         raise DataError("config key data.train: no training data (set data.train or data.dataset)")
     out = {}
@@ -99,6 +104,11 @@ class EncodedPairs:
         tgt_in = pad([np.concatenate(([BOS], t)) for t in tgts])
         labels = pad([np.concatenate((t, [EOS])) for t in tgts])
         return Batch(src, src != PAD, tgt_in, labels)
+
+    def epoch_pool(self, seed: int, epoch: int) -> np.ndarray | None:
+        """Indices of the examples of one epoch (they may repeat); None: every example once.
+        A mixture of tasks draws them by weight (tasks.py, MixedData)."""
+        return None
 
 
 def encode_pairs(pairs: list[Pair], src: TextCodec, tgt: TextCodec, cfg: DataConfig,
@@ -194,8 +204,13 @@ def token_budget_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens:
 
 def epoch_plan(data: EncodedPairs, batch_tokens: int, max_pairs: int, seed: int, epoch: int) -> list[list[int]]:
     """Example indices of each batch of one epoch: the same on every process, reshuffled each epoch."""
-    return token_budget_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens, max_pairs,
+    pool = data.epoch_pool(seed, epoch)
+    if pool is None:
+        return token_budget_batches(data.src.lengths(), data.tgt.lengths(), batch_tokens, max_pairs,
+                                    seed * 100_003 + epoch)
+    plan = token_budget_batches(data.src.lengths()[pool], data.tgt.lengths()[pool], batch_tokens, max_pairs,
                                 seed * 100_003 + epoch)
+    return [[int(pool[i]) for i in batch] for batch in plan]
 
 
 def epoch_batches(data: EncodedPairs, batch_tokens: int, max_pairs: int, seed: int, epoch: int,
