@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import sys
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from transduce.cli import _read_inputs
 from transduce.config import TokenizerConfig
 from transduce.data.readers import DataError, read_aligned, read_jsonl, read_lines, read_tsv
-from transduce.data.vocab import TextCodec
+from transduce.data.vocab import TextCodec, Vocab
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # Characters that break naive text handling; mixed into the generated text.
@@ -48,6 +49,30 @@ def check_codec(codec: TextCodec, s: str) -> None:
 def test_encode_any_text_gives_ids_in_range(codecs, s):
     for codec in codecs.values():
         check_codec(codec, s)
+
+
+@SETTINGS
+@given(texts=st.lists(text, max_size=6))
+@example(texts=["ΟΔΟΣ ΣΑΣ", "İx", "", "\U0001F600\x00"])
+def test_bulk_encoding_equals_encoding_one_by_one(codecs, texts):
+    """encode_many (numpy paths for char/whitespace, used on large corpora) gives exactly encode's ids
+    and unknown-symbol counts, whatever the text and wherever the chunks break."""
+    for codec in codecs.values():
+        one, many = Counter(), Counter()
+        ref = [codec.encode(t, one) for t in texts]
+        flat, lengths = codec.encode_many(texts, many, chunk=4)
+        assert lengths.tolist() == [len(r) for r in ref]
+        assert flat.tolist() == [i for r in ref for i in r]
+        assert many == one
+
+
+@pytest.mark.parametrize("kind", ["char", "whitespace"])
+def test_bulk_vocabulary_counts_equal_token_by_token(kind):
+    texts = CORPUS + ["ΟΔΟΣ İstanbul", "ẞ straße"]
+    for low in (False, True):
+        fitted = TextCodec.fit(TokenizerConfig(kind=kind, lowercase=low), texts)
+        tok = fitted.tokenizer
+        assert fitted.vocab.itos == Vocab.build(tok.split(t) for t in texts).itos
 
 
 @SETTINGS

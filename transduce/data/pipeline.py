@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from transduce.config import DataConfig
-from transduce.data.readers import DataError, Pair, read_pairs
+from transduce.data.readers import DataError, Pair, PairList, read_pairs
 from transduce.data.vocab import BOS, EOS, PAD, TextCodec, share_vocab
 
 log = logging.getLogger("transduce")
@@ -65,9 +65,17 @@ def load_splits(cfg: DataConfig, read=None) -> Splits:
     return Splits(**out)
 
 
+def columns(pairs) -> tuple[list[str], list[str]]:
+    """Sources and targets of pairs (a `PairList` has them as they are, with no copy)."""
+    if isinstance(pairs, PairList):
+        return pairs.sources, pairs.targets
+    return [p.source for p in pairs], [p.target for p in pairs]
+
+
 def fit_codecs(cfg: DataConfig, train: list[Pair], shared: bool) -> tuple[TextCodec, TextCodec]:
-    src = TextCodec.fit(cfg.source_tokenizer, [p.source for p in train])
-    tgt = TextCodec.fit(cfg.target_tokenizer, [p.target for p in train])
+    sources, targets = columns(train)
+    src = TextCodec.fit(cfg.source_tokenizer, sources)
+    tgt = TextCodec.fit(cfg.target_tokenizer, targets)
     return share_vocab(src, tgt) if shared else (src, tgt)
 
 
@@ -79,6 +87,19 @@ class TokenArray:
         self.offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.offsets[1:])
         self.flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(self.offsets[-1]))
+
+    @classmethod
+    def from_flat(cls, flat: np.ndarray, lengths: np.ndarray) -> "TokenArray":
+        out = cls.__new__(cls)
+        out.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out.offsets[1:])
+        out.flat = np.ascontiguousarray(flat, dtype=np.int32)
+        return out
+
+    def select(self, keep: np.ndarray) -> "TokenArray":
+        """The sequences where the boolean mask `keep` is true, in order."""
+        lengths = self.lengths()
+        return TokenArray.from_flat(self.flat[np.repeat(keep, lengths)], lengths[keep])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -113,27 +134,27 @@ class EncodedPairs:
 
 def encode_pairs(pairs: list[Pair], src: TextCodec, tgt: TextCodec, cfg: DataConfig,
                  what: str = "train") -> EncodedPairs:
-    """Encode pairs; too-long pairs are an error unless data.skip_invalid."""
+    """Encode pairs (in bulk, see `TextCodec.encode_many`); too-long pairs are an error unless
+    data.skip_invalid."""
+    sources, targets = columns(pairs)
     src_unk, tgt_unk = Counter(), Counter()
-    src_ids, tgt_ids, too_long = [], [], []
-    for p in pairs:
-        s = src.encode(p.source, src_unk)
-        t = tgt.encode(p.target, tgt_unk)
-        if len(s) > cfg.max_source_len or len(t) + 1 > cfg.max_target_len:
-            if not cfg.skip_invalid:
-                raise DataError(f"{p.origin}: pair longer than data.max_source_len={cfg.max_source_len} "
-                                f"/ max_target_len={cfg.max_target_len} ({len(s)} / {len(t) + 1} tokens)")
-            too_long.append(p.origin)
-            continue
-        src_ids.append(s)
-        tgt_ids.append(t)
-    if too_long:
-        log.warning("%s: skipped %d pairs over the length limits; first: %s", what, len(too_long), too_long[0])
+    src_ids = TokenArray.from_flat(*src.encode_many(sources, src_unk))
+    tgt_ids = TokenArray.from_flat(*tgt.encode_many(targets, tgt_unk))
+    too_long = (src_ids.lengths() > cfg.max_source_len) | (tgt_ids.lengths() + 1 > cfg.max_target_len)
+    if too_long.any():
+        first = int(np.flatnonzero(too_long)[0])
+        origin = pairs.origin(first) if isinstance(pairs, PairList) else pairs[first].origin
+        if not cfg.skip_invalid:
+            raise DataError(f"{origin}: pair longer than data.max_source_len={cfg.max_source_len} "
+                            f"/ max_target_len={cfg.max_target_len} ({len(src_ids[first])} / "
+                            f"{len(tgt_ids[first]) + 1} tokens)")
+        log.warning("%s: skipped %d pairs over the length limits; first: %s", what, int(too_long.sum()), origin)
+        src_ids, tgt_ids = src_ids.select(~too_long), tgt_ids.select(~too_long)
     for side, unk in (("source", src_unk), ("target", tgt_unk)):
         if unk:
             common = ", ".join(f"{s!r}x{c}" for s, c in unk.most_common(5))
             log.warning("%s %s: %d unknown symbols mapped to <unk> (%s)", what, side, sum(unk.values()), common)
-    return EncodedPairs(TokenArray(src_ids), TokenArray(tgt_ids))
+    return EncodedPairs(src_ids, tgt_ids)
 
 
 def group_references(pairs: list[Pair]) -> tuple[list[str], list[list[str]]]:

@@ -8,6 +8,8 @@ are counted in the returned `ReadReport` and never silently dropped.
 from __future__ import annotations
 
 import json
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -17,11 +19,48 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line and the problem."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pair:
     source: str
     target: str
     origin: str  # "file:line", for messages
+
+
+class PairList(Sequence):
+    """The pairs read from one file, kept as two lists of strings and the line numbers: about
+    a hundred bytes per pair instead of three strings and an object, so millions of pairs fit
+    in memory. Items are `Pair`s made on access; `sources` and `targets` give the columns to
+    code that encodes them in bulk (`pipeline.encode_pairs`)."""
+
+    __slots__ = ("path", "sources", "targets", "numbers")
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        self.sources: list[str] = []
+        self.targets: list[str] = []
+        self.numbers = array("q")
+
+    def append(self, source: str, target: str, number: int) -> None:
+        self.sources.append(source)
+        self.targets.append(target)
+        self.numbers.append(number)
+
+    def origin(self, i: int) -> str:
+        return f"{self.path}:{self.numbers[i]}"
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Pair(self.sources[i], self.targets[i], self.origin(i))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"PairList({self.path!r}, {len(self)} pairs)"
 
 
 @dataclass
@@ -65,10 +104,10 @@ def _check(source: str, target: str, origin: str) -> str | None:
     return None
 
 
-def _emit(pairs: list[Pair], report: ReadReport, skip_invalid: bool, problem: str | None,
-          pair: Pair | None) -> None:
+def _emit(pairs: PairList, report: ReadReport, skip_invalid: bool, problem: str | None,
+          pair: tuple[str, str, int] | None) -> None:
     if problem is None:
-        pairs.append(pair)
+        pairs.append(*pair)
         report.read += 1
     elif skip_invalid:
         report.skip(problem)
@@ -76,10 +115,16 @@ def _emit(pairs: list[Pair], report: ReadReport, skip_invalid: bool, problem: st
         raise DataError(problem + " (set data.skip_invalid: true to skip such lines)")
 
 
-def read_tsv(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
-    pairs: list[Pair] = []
+def read_tsv(path: Path, skip_invalid: bool = False) -> tuple[PairList, ReadReport]:
+    pairs = PairList(path)
     report = ReadReport()
     for number, text, error in _lines(path):
+        if error is None and text.count("\t") == 1:  # the common case first: one tab
+            source, target = text.split("\t")
+            if source.strip() and target.strip():
+                pairs.append(source, target, number)
+                report.read += 1
+                continue
         origin = f"{path}:{number}"
         if error:
             _emit(pairs, report, skip_invalid, f"{origin}: {error}", None)
@@ -93,12 +138,12 @@ def read_tsv(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadRe
                   f"{origin}: {len(parts) - 1} tabs; expected exactly one (source<TAB>target)", None)
             continue
         source, target = parts
-        _emit(pairs, report, skip_invalid, _check(source, target, origin), Pair(source, target, origin))
+        _emit(pairs, report, skip_invalid, _check(source, target, origin), (source, target, number))
     return pairs, report
 
 
-def read_jsonl(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
-    pairs: list[Pair] = []
+def read_jsonl(path: Path, skip_invalid: bool = False) -> tuple[PairList, ReadReport]:
+    pairs = PairList(path)
     report = ReadReport()
     for number, text, error in _lines(path):
         origin = f"{path}:{number}"
@@ -119,13 +164,13 @@ def read_jsonl(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], Read
                   f'{origin}: expected an object with string fields "source" and "target"', None)
             continue
         source, target = obj["source"], obj["target"]
-        _emit(pairs, report, skip_invalid, _check(source, target, origin), Pair(source, target, origin))
+        _emit(pairs, report, skip_invalid, _check(source, target, origin), (source, target, number))
     return pairs, report
 
 
-def read_aligned(src_path: Path, tgt_path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
+def read_aligned(src_path: Path, tgt_path: Path, skip_invalid: bool = False) -> tuple[PairList, ReadReport]:
     """Two files with one segment per line, line i of one aligned with line i of the other."""
-    pairs: list[Pair] = []
+    pairs = PairList(src_path)
     report = ReadReport()
     src_lines, tgt_lines = _lines(src_path), _lines(tgt_path)
     while True:
@@ -140,7 +185,6 @@ def read_aligned(src_path: Path, tgt_path: Path, skip_invalid: bool = False) -> 
             raise DataError(f"{longer}:{number}: {shorter} has only {number - 1} lines; "
                             "line-aligned files must have the same number of lines")
         number = s[0]
-        origin = f"{src_path}:{number}"
         if s[2] or t[2]:
             bad_path, bad = (src_path, s) if s[2] else (tgt_path, t)
             _emit(pairs, report, skip_invalid, f"{bad_path}:{number}: {bad[2]}", None)
@@ -150,25 +194,24 @@ def read_aligned(src_path: Path, tgt_path: Path, skip_invalid: bool = False) -> 
             problem = f"{src_path}:{number}: empty source"
         elif not t[1].strip():
             problem = f"{tgt_path}:{number}: empty target"
-        _emit(pairs, report, skip_invalid, problem, Pair(s[1], t[1], origin))
+        _emit(pairs, report, skip_invalid, problem, (s[1], t[1], number))
     return pairs, report
 
 
-def read_text(path: Path, skip_invalid: bool = False) -> tuple[list[Pair], ReadReport]:
+def read_text(path: Path, skip_invalid: bool = False) -> tuple[PairList, ReadReport]:
     """Plain text, one document per line, for a language model: each line is a target with an empty
     source. Blank lines are passed over (they separate documents), as the MLM reader does."""
-    pairs: list[Pair] = []
+    pairs = PairList(path)
     report = ReadReport()
     for number, text, error in _lines(path):
-        origin = f"{path}:{number}"
         if error:
-            _emit(pairs, report, skip_invalid, f"{origin}: {error}", None)
+            _emit(pairs, report, skip_invalid, f"{path}:{number}: {error}", None)
         elif text.strip():
-            _emit(pairs, report, skip_invalid, None, Pair("", text, origin))
+            _emit(pairs, report, skip_invalid, None, ("", text, number))
     return pairs, report
 
 
-def read_pairs(spec: str, skip_invalid: bool = False, format: str = "pairs") -> tuple[list[Pair], ReadReport]:
+def read_pairs(spec: str, skip_invalid: bool = False, format: str = "pairs") -> tuple[PairList, ReadReport]:
     """Read data named by `spec`: `file.tsv`, `file.jsonl` or `src_file|tgt_file`; with
     `format="text"`, a plain-text file (see `read_text`)."""
     if format == "text":

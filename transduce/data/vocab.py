@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import chain, repeat
 from typing import Iterable
+
+import numpy as np
 
 from transduce.config import TokenizerConfig
 
@@ -40,13 +43,29 @@ class Vocab:
 
     @classmethod
     def build(cls, sequences: Iterable[list[str]], min_frequency: int = 1) -> "Vocab":
-        counts = Counter(s for seq in sequences for s in seq)
+        return cls.from_counts(Counter(s for seq in sequences for s in seq), min_frequency)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_frequency: int = 1) -> "Vocab":
+        """Specials, then the symbols seen at least `min_frequency` times, most frequent first."""
         kept = sorted((s for s, c in counts.items() if c >= min_frequency and s not in SPECIALS),
                       key=lambda s: (-counts[s], s))
         return cls(SPECIALS + kept)
 
     def __len__(self) -> int:
         return len(self.itos)
+
+    def char_table(self) -> np.ndarray:
+        """id of each code point up to the largest one-character symbol (UNK elsewhere), plus one
+        last entry that stands for every code point beyond it (UNK)."""
+        table = getattr(self, "_char_table", None)
+        if table is None:
+            singles = {ord(s): i for s, i in self.stoi.items() if len(s) == 1}
+            table = np.full(max(singles, default=0) + 2, UNK, dtype=np.int32)
+            for c, i in singles.items():
+                table[c] = i
+            self._char_table = table
+        return table
 
     def encode(self, symbols: list[str], unknown: Counter | None = None) -> list[int]:
         ids = []
@@ -70,7 +89,16 @@ class Vocab:
         return out
 
 
+def _count_unknown(ids: np.ndarray, symbols, unknown: Counter | None) -> None:
+    if unknown is not None:
+        for k in np.flatnonzero(ids == UNK):
+            unknown[symbols(k)] += 1
+
+
 class CharTokenizer:
+    """One symbol per character. Bulk paths (`count`, `ids`) work on many texts at once, in C
+    and numpy, and give exactly what `split` + `Vocab.encode` give text by text."""
+
     kind = "char"
 
     def __init__(self, lowercase: bool = False):
@@ -85,6 +113,37 @@ class CharTokenizer:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "lowercase": self.lowercase}
 
+    def _cased(self, texts: list[str]) -> list[str]:
+        return [t.lower() for t in texts] if self.lowercase else texts
+
+    def count(self, texts: Iterable[str], chunk: int = 100_000) -> Counter:
+        """Symbol counts over all texts."""
+        counts, part = Counter(), []
+        for t in chain(texts, [None]):
+            if t is not None:
+                part.append(t)
+            if len(part) >= chunk or (t is None and part):
+                counts.update(self._symbols_of(self._cased(part)))
+                part = []
+        return counts
+
+    def _symbols_of(self, texts: list[str]):
+        return "".join(texts)  # Counter counts a string's characters in C
+
+    def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(flat int32 ids, int64 lengths) of the texts: `vocab.encode(self.split(t))` for each, joined."""
+        texts = self._cased(texts)
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        try:
+            codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+        except UnicodeEncodeError:  # lone surrogates: one text at a time
+            flat = [vocab.encode(self.split(t), unknown) for t in texts]
+            return np.fromiter(chain.from_iterable(flat), dtype=np.int32), lengths
+        table = vocab.char_table()
+        ids = table[np.minimum(codes, len(table) - 1)]  # the last entry (UNK) for every code beyond
+        _count_unknown(ids, lambda k: chr(codes[k]), unknown)
+        return ids, lengths
+
 
 class WhitespaceTokenizer(CharTokenizer):
     kind = "whitespace"
@@ -94,6 +153,17 @@ class WhitespaceTokenizer(CharTokenizer):
 
     def join(self, symbols: list[str]) -> str:
         return " ".join(symbols)
+
+    def _symbols_of(self, texts: list[str]):
+        return chain.from_iterable(t.split() for t in texts)
+
+    def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        split = [t.split() for t in self._cased(texts)]
+        lengths = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+        tokens = list(chain.from_iterable(split))
+        ids = np.fromiter(map(vocab.stoi.get, tokens, repeat(UNK)), dtype=np.int32, count=len(tokens))
+        _count_unknown(ids, tokens.__getitem__, unknown)
+        return ids, lengths
 
 
 class SubwordTokenizer:
@@ -219,11 +289,31 @@ class TextCodec:
             tok = SubwordTokenizer.train(cfg.kind, cfg.lowercase, texts, cfg.vocab_size)
             return cls(tok, Vocab(tok.symbols()), cfg.wrap)
         tok = CharTokenizer(cfg.lowercase) if cfg.kind == "char" else WhitespaceTokenizer(cfg.lowercase)
-        return cls(tok, Vocab.build((tok.split(t) for t in texts), cfg.min_frequency), cfg.wrap)
+        return cls(tok, Vocab.from_counts(tok.count(texts), cfg.min_frequency), cfg.wrap)
 
     def encode(self, text: str, unknown: Counter | None = None) -> list[int]:
         ids = self.vocab.encode(self.tokenizer.split(text), unknown)
         return [BOS] + ids + [EOS] if self.wrap and ids else ids
+
+    def encode_many(self, texts: list[str], unknown: Counter | None = None,
+                    chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+        """(flat int32 ids, int64 lengths) of many texts, exactly `encode` of each, joined; in bulk
+        (numpy) for character and whitespace tokenizers, chunk by chunk to bound the memory."""
+        bulk = getattr(self.tokenizer, "ids", None)
+        flats, lengths = [], []
+        for k in range(0, len(texts), chunk):
+            part = texts[k: k + chunk]
+            if bulk is not None and not self.wrap:
+                flat, length = bulk(part, self.vocab, unknown)
+            else:
+                seqs = [self.encode(t, unknown) for t in part]
+                length = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+                flat = np.fromiter(chain.from_iterable(seqs), dtype=np.int32, count=int(length.sum()))
+            flats.append(flat)
+            lengths.append(length)
+        if not flats:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return np.concatenate(flats), np.concatenate(lengths)
 
     def encode_words(self, words: list[str], unknown: Counter | None = None) -> tuple[list[int], list[int]]:
         """Ids of pre-split words (each word's pieces, at least <unk>) and the position of each

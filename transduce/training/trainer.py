@@ -221,6 +221,7 @@ def prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist | 
     ctx.raise_if_any(error)
     src, tgt = fitted or load_codecs(run_dir)
     data = task.encode(splits.train, src, tgt, cfg, "train")
+    splits.train = []  # encoded: the texts are not needed any more (a large corpus frees its memory)
     return splits, src, tgt, data
 
 
@@ -362,6 +363,22 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
     def late_here() -> bool:
         return bool(tc.max_minutes) and time.monotonic() - start_time >= tc.max_minutes * 60
 
+    def total_steps() -> int | None:
+        """Updates a cosine schedule decays over: train.max_steps, or for a time budget alone the
+        number planned at the end of warmup from the speed so far (saved, so a resumed run keeps
+        it; rescaled when a resumed run changes train.max_minutes)."""
+        if tc.max_steps or "planned_steps" not in state:
+            return tc.max_steps or None
+        return max(1, round(state["planned_steps"] * tc.max_minutes / state["planned_minutes"]))
+
+    def plan_steps() -> None:
+        elapsed = ctx.all_sum([time.monotonic() - start_time])[0] / ctx.world  # the same on every rank
+        state["planned_steps"] = max(state["step"] + 1, round(state["step"] * tc.max_minutes * 60 / elapsed))
+        state["planned_minutes"] = tc.max_minutes
+        log.info("cosine schedule over train.max_minutes=%g: %d updates planned (from the speed of the "
+                 "first %d)", tc.max_minutes, state["planned_steps"], state["step"])
+
+    time_planned = tc.schedule == "cosine" and not tc.max_steps
     late = bool(tc.max_minutes) and state["elapsed_s"] >= tc.max_minutes * 60
     stop_reason = out_of_budget(late)
     model.train()
@@ -380,7 +397,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             n_tokens, step_tokens = ctx.all_sum([sum(b.n_tgt_tokens for b in cpu_group),
                                                  sum(b.n_src_tokens + b.n_tgt_tokens for b in cpu_group)])
             group = [_to(b, ctx.device) for b in cpu_group]
-            lr = lr_at(state["step"], tc)
+            lr = lr_at(state["step"], tc, total_steps())
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = 0.0
@@ -415,6 +432,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            if time_planned and state["step"] == max(1, tc.warmup_steps) and "planned_steps" not in state:
+                plan_steps()
             state["tokens"] += int(step_tokens)
             window_tokens += int(step_tokens)
             window_loss += loss_sum
