@@ -170,6 +170,8 @@ class TrainConfig:
     max_epochs: int = 0              # stop after this many passes over the data (0 = no limit)
     max_minutes: float = 0.0         # wall-clock budget for training (0 = no limit)
     lr: float = 1e-3                 # peak learning rate after warmup
+    # cosine decays to max_steps; with max_minutes alone, over the updates the time allows,
+    # estimated from the speed of the warmup updates
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
     warmup_steps: int = 1000         # linear warmup from 0 to lr
     min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr
@@ -192,8 +194,9 @@ class TrainConfig:
     device: Literal["cpu", "cuda"] = "cpu"  # where to train; cuda under torchrun: one GPU per process, nccl
 
     def validate(self) -> None:
-        if self.schedule == "cosine" and self.max_steps <= 0:
-            raise ValueError("schedule 'cosine' needs max_steps > 0 (it decays to max_steps)")
+        if self.schedule == "cosine" and self.max_steps <= 0 and self.max_minutes <= 0:
+            raise ValueError("schedule 'cosine' needs max_steps > 0 (it decays to max_steps) or max_minutes > 0 "
+                             "(it decays over the updates that fit in the time, planned after warmup)")
         if self.batch_tokens <= 0 or self.max_batch_pairs <= 0 or self.accum_steps <= 0:
             raise ValueError("batch_tokens, max_batch_pairs and accum_steps must be positive")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -1,0 +1,37 @@
+"""Learning-rate schedules: the pure function, and cosine decay over a time budget."""
+from __future__ import annotations
+
+import math
+
+from toyrun import records, toy_config, toy_data
+from transduce.checkpoint import checkpoint_dir, read_checkpoint
+from transduce.config import TrainConfig
+from transduce.training.schedule import lr_at
+from transduce.training.trainer import train
+
+
+def test_schedules_warm_up_then_decay():
+    inv = TrainConfig(lr=1e-3, warmup_steps=10, schedule="inverse_sqrt")
+    cos = TrainConfig(lr=1e-3, warmup_steps=10, schedule="cosine", max_steps=110, min_lr_ratio=0.1)
+    assert [lr_at(s, inv) for s in (0, 4, 9)] == [1e-4, 5e-4, 1e-3]
+    assert math.isclose(lr_at(39, inv), 1e-3 * math.sqrt(10 / 40))
+    assert math.isclose(lr_at(59, cos), 1e-4 + 9e-4 * 0.5)          # half-way: halfway to the floor
+    assert math.isclose(lr_at(109, cos), 1e-4) and math.isclose(lr_at(500, cos), 1e-4)
+    assert math.isclose(lr_at(59, cos, total_steps=210), 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_cosine_over_a_time_budget_plans_its_steps_after_warmup(tmp_path):
+    """With max_minutes and no max_steps, the number of updates is planned at the end of warmup from
+    the speed so far, saved in the checkpoint, and the learning rate decays towards the floor."""
+    data = toy_data(tmp_path)
+    cfg = toy_config(data, max_steps=0, max_minutes=0.05, schedule="cosine", warmup_steps=5, save_every=0,
+                     deterministic=False)
+    state = train(cfg, tmp_path / "run", progress=False)
+    planned = state["planned_steps"]
+    assert planned >= 6 and state["planned_minutes"] == 0.05
+    lrs = [r["lr"] for r in records(tmp_path / "run") if "lr" in r]
+    assert lrs[4] == max(lrs) == 3e-3                             # the peak at the last warmup update
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))          # then it only goes down
+    assert lrs[-1] < 1.5e-3                                       # past the middle of the decay by the end
+    saved = read_checkpoint(checkpoint_dir(tmp_path / "run", "last"))[0]
+    assert saved["planned_steps"] == planned
