@@ -39,3 +39,14 @@ def test_ctranslate2_greedy_matches(tmp_path, name):
     assert ours == theirs
     # the text path too
     assert ct2.translate(sources[:5]) == [[run.target.decode(o)] for o in ours[:5]]
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_export_never_writes_into_the_model(tmp_path, quantization):
+    """CTranslate2 rewrites a spec's arrays in place (quantization, fusing): the export hands it
+    copies, so the exported model keeps decoding as before."""
+    run = fake_run("transformer-shared", seed=5)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    export(run, tmp_path / "ct2", quantization)
+    after = run.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

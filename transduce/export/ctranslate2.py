@@ -34,7 +34,9 @@ def ct2_symbol(i: int) -> str:
 
 
 def _np(t: torch.Tensor):
-    return t.detach().float().contiguous().numpy()
+    """A copy: CTranslate2 rewrites the arrays of a spec in place (spec.optimize), and must never
+    write into the model's own parameters."""
+    return t.detach().float().numpy().copy()
 
 
 def _linear(spec, linear: torch.nn.Linear) -> None:
