@@ -30,17 +30,10 @@ def timed(fn):
 
 
 def hf_generate(run, src_ids, our_lengths, beam, batch):
-    from transformers import BartConfig, BartForConditionalGeneration
+    from hf_bart import bart
 
-    c = run.config.model
-    vocab = max(len(run.source.vocab), len(run.target.vocab))
     torch.manual_seed(0)
-    cfg = BartConfig(vocab_size=vocab, d_model=c.d_model, encoder_layers=c.encoder_layers,
-                     decoder_layers=c.decoder_layers, encoder_attention_heads=c.heads,
-                     decoder_attention_heads=c.heads, encoder_ffn_dim=c.ff_dim, decoder_ffn_dim=c.ff_dim,
-                     max_position_embeddings=c.max_positions, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                     decoder_start_token_id=2, forced_eos_token_id=None)
-    model = BartForConditionalGeneration(cfg).eval()
+    model = bart(run.config.model, max(len(run.source.vocab), len(run.target.vocab))).eval()
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
     t = time.perf_counter()
     with torch.no_grad():

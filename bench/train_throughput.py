@@ -60,16 +60,10 @@ def run_transduce(cfg, batches, steps, warm):
 
 
 def run_hf(cfg, batches, steps, warm, vocab):
-    from transformers import BartConfig, BartForConditionalGeneration
+    from hf_bart import bart
 
-    c = cfg.model
     torch.manual_seed(0)
-    hf_cfg = BartConfig(vocab_size=vocab, d_model=c.d_model, encoder_layers=c.encoder_layers,
-                        decoder_layers=c.decoder_layers, encoder_attention_heads=c.heads,
-                        decoder_attention_heads=c.heads, encoder_ffn_dim=c.ff_dim, decoder_ffn_dim=c.ff_dim,
-                        max_position_embeddings=c.max_positions, dropout=c.dropout, pad_token_id=0,
-                        bos_token_id=2, eos_token_id=3, decoder_start_token_id=2, forced_eos_token_id=None)
-    model = BartForConditionalGeneration(hf_cfg).train()
+    model = bart(cfg.model, vocab).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
     tokens, t0, flops = 0, None, 0.0
     for i, b in enumerate(batches[: warm + steps]):

@@ -1,10 +1,15 @@
 """Shared fixtures: tiny seeded models of every family and toy data."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one thread per worker, and in what it launches
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from transduce.data.pipeline import Batch, pad
 from transduce.data.vocab import BOS, EOS, PAD

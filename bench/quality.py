@@ -1,0 +1,113 @@
+"""Quality per CPU-minute: G2P test WER/PER of transduce vs Hugging Face BART trained the same way.
+
+    python bench/quality.py --minutes 10 --ours runs/g2p10 [--out runs/quality_hf10] [--threads 2]
+
+`--ours` is a transduce run of recipes/g2p_cmudict.yaml trained for the same
+minutes (`transduce train recipes/g2p_cmudict.yaml --out runs/g2p10 --set
+train.max_minutes=10`). The HF model is a `BartForConditionalGeneration`
+of the recipe's sizes, random init, fp32, trained on the same data, the same
+token-budget batches, the same schedule (warmup + inverse square root), label
+smoothing and clipping, for the same wall-clock budget (evaluation excluded;
+the transduce run evaluates on dev every `eval_every` steps, HF does not, in
+HF's favour). Then both decode the test set greedy and with beam 5 (HF
+`generate`; max length as the recipe's) and one table prints WER/PER with and
+without stress. Needs the `bench` extra (transformers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hf_bart import bart
+from transduce import metrics as M
+from transduce.data.pipeline import epoch_batches, group_references, load_splits
+from transduce.data.vocab import PAD
+from transduce.inference import decode, load_run
+from transduce.training.schedule import lr_at
+from transduce.training.trainer import sequence_loss
+
+METRICS = ["wer", "per", "wer_nostress", "per_nostress"]
+
+
+def train_hf(run, minutes: float, out: Path):
+    """BART on the run's own encoded training data, batches and schedule, for `minutes`."""
+    from transduce.tasks import task_for
+
+    cfg, tc = run.config, run.config.train
+    task = task_for(cfg)
+    data = task.encode(load_splits(cfg.data, task.read).train, run.source, run.target, cfg, "train")
+    torch.manual_seed(tc.seed)
+    model = bart(cfg.model, max(len(run.source.vocab), len(run.target.vocab))).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
+    step, epoch, tokens, t0 = 0, 0, 0, time.monotonic()
+    while time.monotonic() - t0 < minutes * 60:
+        for _, b in epoch_batches(data, tc.batch_tokens, tc.max_batch_pairs, tc.seed, epoch):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, tc)
+            logits = model(input_ids=b.src, attention_mask=b.src_mask.long(), decoder_input_ids=b.tgt_in,
+                           decoder_attention_mask=(b.tgt_in != PAD).long()).logits
+            loss = sequence_loss(logits, b.labels, tc.label_smoothing) / b.n_tgt_tokens
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens += b.n_src_tokens + b.n_tgt_tokens
+            if step % 50 == 0:
+                s = time.monotonic() - t0
+                print(f"HF step {step} loss {loss.item():.4f} {tokens / s:.0f} tok/s {s / 60:.1f} min", flush=True)
+            if time.monotonic() - t0 >= minutes * 60:
+                break
+        epoch += 1
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # safetensors
+    return model.eval(), step, tokens / (time.monotonic() - t0)
+
+
+@torch.inference_mode()
+def hf_decode(model, run, words: list[str], beam: int, batch: int = 200) -> list[str]:
+    d = run.config.decode
+    out = []
+    for k in range(0, len(words), batch):
+        ids = [run.source.encode(w) for w in words[k: k + batch]]
+        width = max(map(len, ids))
+        src = torch.tensor([x + [PAD] * (width - len(x)) for x in ids])
+        gen = model.generate(input_ids=src, attention_mask=(src != PAD).long(), num_beams=beam, do_sample=False,
+                             max_new_tokens=int(d.max_len_a * width + d.max_len_b) + 1,
+                             length_penalty=d.length_penalty, early_stopping=True)
+        out += [run.target.decode(g[1:].tolist()) for g in gen]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--ours", required=True, help="transduce run of recipes/g2p_cmudict.yaml, same minutes")
+    ap.add_argument("--out", help="where the HF model is saved (default runs/quality_hfMINUTES)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    run = load_run(args.ours)
+    words, refs = group_references(load_splits(run.config.data).test)
+    out = Path(args.out or f"runs/quality_hf{args.minutes:g}")
+    model, steps, tps = train_hf(run, args.minutes, out)
+    rows = []
+    for beam in (1, 5):
+        hyps = [h[0].tokens for h in decode(run, words, beam=beam, nbest=1, batch_size=200)]
+        rows.append(("transduce", beam, M.compute(METRICS, [run.target.decode(h) for h in hyps], refs)))
+        rows.append(("HF BART", beam, M.compute(METRICS, hf_decode(model, run, words, beam), refs)))
+    print(f"G2P test ({len(words)} words), {args.minutes:g} minutes of training, {args.threads} threads; "
+          f"transduce {run.state.get('step')} steps, HF {steps} steps ({tps:,.0f} tok/s)")
+    print("| system | beam | WER % | PER % | WER % no stress | PER % no stress |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, beam, r in rows:
+        print(f"| {name} | {beam} | " + " | ".join(f"{r[m]:.2f}" for m in METRICS) + " |")
+    print(json.dumps({"minutes": args.minutes, "rows": [[n, b, r] for n, b, r in rows]}))
+
+
+if __name__ == "__main__":
+    main()
