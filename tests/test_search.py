@@ -91,3 +91,20 @@ def test_batched_beam_equals_one_by_one():
         s = int(mask[i].sum())
         alone = beam_search(model, src[i: i + 1, :s], mask[i: i + 1, :s], beam=3, nbest=2)
         assert [h.tokens for h in alone[0]] == [h.tokens for h in together[i]]
+
+
+def test_search_stops_where_the_positions_run_out(decoding_model_name):
+    """Asked for far longer outputs than the model's positions hold, search stops at the model's
+    limit (per source for single stacks, where the source takes positions too) instead of failing."""
+    model = make_model(decoding_model_name, seed=3)
+    src, mask = sources(decoding_model_name, b=4, seed=3)
+    limit = model.max_output_len(mask)
+    asked = max_lengths(mask, 30.0, 100)
+    capped = max_lengths(mask, 30.0, 100, model)
+    if limit is None:  # recurrent decoders have no positions
+        assert torch.equal(capped, asked)
+        return
+    assert (capped < asked).all() and torch.equal(capped, torch.minimum(asked, limit))
+    for hyps in (greedy(model, src, mask, 30.0, 100),
+                 beam_search(model, src, mask, beam=2, nbest=1, length_penalty=0.0, max_len_a=30.0, max_len_b=100)):
+        assert all(len(h[0].tokens) <= int(capped[i]) for i, h in enumerate(hyps))

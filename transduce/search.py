@@ -27,8 +27,14 @@ class Hypothesis:
     score: float        # logprob / length ** length_penalty (length counts </s>)
 
 
-def max_lengths(src_mask: torch.Tensor, a: float, b: int) -> torch.Tensor:
-    return (a * src_mask.sum(1).float() + b).floor().long().clamp(min=1)  # (B,)
+def max_lengths(src_mask: torch.Tensor, a: float, b: int, model=None) -> torch.Tensor:
+    """(B,) most output tokens per source: floor(a * source length + b), at least 1, and no more
+    than the model's positions allow (`max_output_len`)."""
+    n = (a * src_mask.sum(1).float() + b).floor().long()
+    limit = model.max_output_len(src_mask) if model is not None else None
+    if limit is not None:
+        n = torch.minimum(n, limit)
+    return n.clamp(min=1)
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -89,7 +95,7 @@ def sample(model, src: torch.Tensor, src_mask: torch.Tensor, max_len_a: float = 
 def _one_path(model, src, src_mask, max_len_a, max_len_b, length_penalty, pick) -> list[list[Hypothesis]]:
     """One hypothesis per source, the next token chosen by `pick(logp (rows, V)) -> (rows,)`."""
     b = src.shape[0]
-    max_len = max_lengths(src_mask, max_len_a, max_len_b)
+    max_len = max_lengths(src_mask, max_len_a, max_len_b, model)
     memory = model.encode(src, src_mask)
     state = model.init_state(memory, 1, int(max_len.max()) + 1)
     alive = torch.arange(b)                       # original index of each row
@@ -135,7 +141,7 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
     if nbest > beam:
         raise ValueError(f"nbest={nbest} cannot exceed beam={beam}")
     b, k = src.shape[0], beam
-    max_len = max_lengths(src_mask, max_len_a, max_len_b)
+    max_len = max_lengths(src_mask, max_len_a, max_len_b, model)
     steps = int(max_len.max()) + 1
     memory = model.encode(src, src_mask)
     state = model.init_state(memory, k, steps)
@@ -241,3 +247,7 @@ class ForcedPrefix:
 
     def reorder_state(self, state, rows: torch.Tensor | None, batch: torch.Tensor | None = None):
         return self.model.reorder_state(state, rows, batch)
+
+    def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor | None:
+        limit = self.model.max_output_len(src_mask)
+        return None if limit is None else limit - len(self.prefix)

@@ -118,7 +118,8 @@ def export(run, out_dir: str | Path, quantization: str | None = None) -> Path:
     (tmp / "target_codec.json").write_text(run.target.dumps(), encoding="utf-8")
     (tmp / "transduce.json").write_text(json.dumps({
         "format": "ctranslate2", "quantization": quantization or "float32",
-        "decode": run.config.decode.__dict__, "source_run": str(run.checkpoint)}, indent=1), encoding="utf-8")
+        "decode": run.config.decode.__dict__, "source_run": str(run.checkpoint),
+        "max_output_len": run.model.config.max_positions - 1}, indent=1), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -160,7 +161,8 @@ class CT2Translator:
             else:
                 groups.append([i])
         for idx in groups:
-            limit = max(1, int(a * max(len(sources[i]) for i in idx) + b))
+            limit = max(1, min(int(a * max(len(sources[i]) for i in idx) + b),
+                               self.meta.get("max_output_len", 1 << 30)))  # as our search: positions
             results = self.translator.translate_batch(
                 [[ct2_symbol(t) for t in sources[i]] for i in idx], beam_size=beam, num_hypotheses=nbest,
                 max_decoding_length=limit, length_penalty=lp if beam > 1 else 0.0,

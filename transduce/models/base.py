@@ -8,6 +8,8 @@ Training calls `forward(batch) -> logits (B, T, V)` aligned with
     logits, state = model.step(tokens, state)            # one new position per row
     state = model.reorder_state(state, rows, batch)      # after beam selection / dropping finished
 
+and caps output lengths at `model.max_output_len(src_mask)` (positions).
+
 A family without a decoder (encoder-only with a head) sets `can_decode = False`;
 what it is trained on and how it predicts is its task's business (transduce/tasks.py).
 """
@@ -40,6 +42,11 @@ class EncoderDecoderModel(nn.Module):
 
     def reorder_state(self, state, rows: torch.Tensor | None, batch: torch.Tensor | None = None):
         raise NotImplementedError
+
+    def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor | None:
+        """(B,) the most tokens the decoder can output for each source before its positions run
+        out (search stops there, whatever decode.max_len_a/b allow); None: no limit."""
+        return None
 
     def init_pretrained(self, source, target) -> list[str]:
         """Load weights the config names outside transduce (e.g. `model.init_encoder`) into a

@@ -218,6 +218,10 @@ class SingleStack(EncoderDecoderModel):
             kv.append(cache)
         return PromptMemory(kv, src_mask)
 
+    def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor:
+        # target position t sits at src_len + t (see step); the last fed token must fit
+        return self.config.max_positions - 1 - src_mask.sum(1).long()
+
     def init_state(self, memory: PromptMemory, beam: int, max_len: int,
                    record_attention: bool = False) -> StackState:
         b, s = memory.mask.shape

@@ -225,6 +225,10 @@ class Transformer(EncoderStack):
         return self.output(self.dec_norm(x))  # (B, T, V)
 
     # -- search interface ---------------------------------------------------
+    def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor:
+        # <s> and the outputs before the last take positions 0..max_positions-1
+        return torch.full((src_mask.shape[0],), self.config.max_positions - 1, dtype=torch.long)
+
     def init_state(self, memory: EncoderOutput, beam: int, max_len: int,
                    record_attention: bool = False) -> TransformerState:
         b = memory.states.shape[0]
