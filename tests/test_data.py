@@ -109,6 +109,34 @@ def test_token_budget_batches_cover_every_example_once():
     assert batches != token_budget_batches(src_len, tgt_len, 300, 64, seed=2)
 
 
+def greedy_batches(src_len, tgt_len, batch_tokens, max_pairs, seed):
+    """The packing rule, one example at a time: in (source, target, random) length order, an
+    example joins the current batch unless the padded size or the pair count would pass the limit."""
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(src_len)), tgt_len, src_len))
+    batches, current, max_s, max_t = [], [], 0, 0
+    for i in order.tolist():
+        s, t = int(src_len[i]), int(tgt_len[i]) + 1
+        ns, nt = max(max_s, s), max(max_t, t)
+        if current and ((len(current) + 1) * (ns + nt) > batch_tokens or len(current) >= max_pairs):
+            batches.append(current)
+            current, ns, nt = [], s, t
+        current.append(i)
+        max_s, max_t = ns, nt
+    batches += [current] if current else []
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_batching_follows_the_greedy_rule(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 400))
+    src_len, tgt_len = rng.integers(0, 50, n), rng.integers(0, 50, n)
+    budget, pairs = int(rng.integers(1, 500)), int(rng.integers(1, 40))
+    assert token_budget_batches(src_len, tgt_len, budget, pairs, seed) == \
+        greedy_batches(src_len, tgt_len, budget, pairs, seed)
+
+
 def test_batches_and_masks(tmp_path):
     f = write(tmp_path / "t.tsv", "".join(f"{'ab' * (i % 5 + 1)}\t{'x y ' * (i % 3 + 1)}\n"
                                           for i in range(40)).encode())

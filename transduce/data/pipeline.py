@@ -208,17 +208,18 @@ def token_budget_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens:
     rng = np.random.default_rng(seed)
     noise = rng.random(len(src_len))
     order = np.lexsort((noise, tgt_len, src_len))
-    batches, current, max_s, max_t = [], [], 0, 0
-    for i in order.tolist():
-        s, t = int(src_len[i]), int(tgt_len[i]) + 1
-        ns, nt = max(max_s, s), max(max_t, t)
-        if current and ((len(current) + 1) * (ns + nt) > batch_tokens or len(current) >= max_pairs):
-            batches.append(current)
-            current, ns, nt = [], s, t
-        current.append(i)
-        max_s, max_t = ns, nt
-    if current:
-        batches.append(current)
+    s_sorted = np.asarray(src_len)[order]
+    t_sorted = np.asarray(tgt_len)[order] + 1  # + </s>
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        # Padded size of the first k+1 examples from `start`: it only grows with k, so the batch
+        # takes every example up to the first one over the budget (the first one always).
+        end = min(n, start + max_pairs)
+        size = np.arange(1, end - start + 1) * (np.maximum.accumulate(s_sorted[start:end])
+                                                + np.maximum.accumulate(t_sorted[start:end]))
+        take = max(1, int(np.searchsorted(size, batch_tokens, side="right")))
+        batches.append(order[start: start + take].tolist())
+        start += take
     perm = rng.permutation(len(batches))
     return [batches[i] for i in perm]
 

@@ -75,25 +75,60 @@ class ReadReport:
             self.first_problems.append(message)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """Yield (line number, text, error) for each line, decoding UTF-8 per line.
+BLOCK_BYTES = 1 << 24
 
-    A byte-order mark at the start of the file and CR/LF line ends are removed.
+
+def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, list, dict | None]]:
+    """Yield (number of the first line, texts, errors) for blocks of whole lines.
+
+    Lines end at LF; one CRLF or LF ending is removed (a CR inside the text
+    is kept), and a byte-order mark at the start of the file. A block decodes
+    in one call; where it is not valid UTF-8, line by line: `errors` maps the
+    index of each bad line (its text None) to the problem, else it is None.
     """
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    number = 1
     with f:
-        for number, raw in enumerate(f, 1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if raw.endswith(b"\n"):  # exactly one LF or CRLF: a CR inside the text is kept
-                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        while True:
+            block = f.read(block_bytes)
+            if not block:
+                return
+            if not block.endswith(b"\n"):
+                block += f.readline()  # complete the last line
+            if number == 1 and block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+            whole = block.endswith(b"\n")
+            errors = None
             try:
-                yield number, raw.decode("utf-8"), None
-            except UnicodeDecodeError as e:
-                yield number, None, f"invalid UTF-8 at byte {e.start} of the line"
+                texts = block.decode("utf-8").split("\n")
+                if whole:
+                    texts.pop()
+            except UnicodeDecodeError:
+                texts, errors = [], {}
+                for i, raw in enumerate((block[:-1] if whole else block).split(b"\n")):
+                    try:
+                        texts.append(raw.decode("utf-8"))
+                    except UnicodeDecodeError as e:  # a CR at the end (ASCII) moves no error
+                        errors[i] = f"invalid UTF-8 at byte {e.start} of the line"
+                        texts.append(None)
+            # CR of CRLF endings: every line but a last one that had no LF
+            ended = len(texts) if whole else len(texts) - 1
+            for i in range(ended):
+                t = texts[i]
+                if t is not None and t.endswith("\r"):
+                    texts[i] = t[:-1]
+            yield number, texts, errors
+            number += len(texts)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """Yield (line number, text, error) for each line (see `_line_blocks`)."""
+    for first, texts, errors in _line_blocks(path):
+        for i, text in enumerate(texts):
+            yield first + i, text, errors.get(i) if errors else None
 
 
 def _check(source: str, target: str, origin: str) -> str | None:
@@ -118,28 +153,34 @@ def _emit(pairs: PairList, report: ReadReport, skip_invalid: bool, problem: str 
 def read_tsv(path: Path, skip_invalid: bool = False) -> tuple[PairList, ReadReport]:
     pairs = PairList(path)
     report = ReadReport()
-    for number, text, error in _lines(path):
-        if error is None and text.count("\t") == 1:  # the common case first: one tab
-            source, target = text.split("\t")
-            if source.strip() and target.strip():
-                pairs.append(source, target, number)
-                report.read += 1
+    for first, texts, errors in _line_blocks(path):
+        if errors is None:  # a block of good lines goes in whole (the common case: millions of lines)
+            cols = [t.split("\t") for t in texts]
+            if all(len(c) == 2 and c[0].strip() and c[1].strip() for c in cols):
+                pairs.sources.extend(c[0] for c in cols)
+                pairs.targets.extend(c[1] for c in cols)
+                pairs.numbers.extend(range(first, first + len(cols)))
+                report.read += len(cols)
                 continue
-        origin = f"{path}:{number}"
-        if error:
-            _emit(pairs, report, skip_invalid, f"{origin}: {error}", None)
-            continue
-        if "\t" not in text:
-            _emit(pairs, report, skip_invalid, f"{origin}: no tab; expected source<TAB>target", None)
-            continue
-        parts = text.split("\t")
-        if len(parts) != 2:
-            _emit(pairs, report, skip_invalid,
-                  f"{origin}: {len(parts) - 1} tabs; expected exactly one (source<TAB>target)", None)
-            continue
-        source, target = parts
-        _emit(pairs, report, skip_invalid, _check(source, target, origin), (source, target, number))
+        for i, text in enumerate(texts):
+            _tsv_line(pairs, report, skip_invalid, path, first + i, text, errors.get(i) if errors else None)
     return pairs, report
+
+
+def _tsv_line(pairs: PairList, report: ReadReport, skip_invalid: bool, path: Path, number: int,
+              text: str | None, error: str | None) -> None:
+    """One TSV line: a pair, or a problem reported (or counted as skipped)."""
+    origin = f"{path}:{number}"
+    if error:
+        _emit(pairs, report, skip_invalid, f"{origin}: {error}", None)
+    elif "\t" not in text:
+        _emit(pairs, report, skip_invalid, f"{origin}: no tab; expected source<TAB>target", None)
+    elif text.count("\t") != 1:
+        _emit(pairs, report, skip_invalid,
+              f"{origin}: {text.count(chr(9))} tabs; expected exactly one (source<TAB>target)", None)
+    else:
+        source, target = text.split("\t")
+        _emit(pairs, report, skip_invalid, _check(source, target, origin), (source, target, number))
 
 
 def read_jsonl(path: Path, skip_invalid: bool = False) -> tuple[PairList, ReadReport]:
