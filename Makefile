@@ -26,7 +26,7 @@ demo: install
 	printf 'transduce\nencoder\ndecoder\nphoneme\nsaturday\n' | $(BIN)/transduce translate --model $(RUN)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

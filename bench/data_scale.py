@@ -81,8 +81,10 @@ def main() -> None:
         shutil.rmtree(run)
 
     t0 = time.perf_counter()
+    log_path = out / "train.log"  # a file, not a pipe: a full pipe would stall the run
+    log_file = open(log_path, "w")
     p = subprocess.Popen([sys.executable, "-m", "transduce", "train", str(config), "--out", str(run)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     proc = psutil.Process(p.pid)
     first_step_s, peak_before, peak, rss_last = None, 0, 0, 0
     metrics = run / "metrics.jsonl"
@@ -99,9 +101,9 @@ def main() -> None:
         else:
             rss_last = rss
         time.sleep(0.2)
-    err = p.stderr.read()
+    log_file.close()
     if p.returncode != 0:
-        sys.exit(f"training failed ({p.returncode}):\n{err[-3000:]}")
+        sys.exit(f"training failed ({p.returncode}):\n{log_path.read_text()[-3000:]}")
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
     gib = 2 ** 30
     print(f"Data scale: {args.pairs} pairs ({data.stat().st_size / 2 ** 20:.0f} MiB TSV), {args.threads} threads, "

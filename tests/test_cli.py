@@ -56,7 +56,7 @@ def test_resume_continues_from_last_checkpoint(run_dir, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
     # A changed model is refused, naming what differs.
     p = cli("train", "recipes/g2p_cmudict.yaml", "--out", str(copy),
-            *[a for s in TINY + ["model.d_model=64"] for a in ("--set", s)], check=False)
+            *[a for s in TINY + ["train.max_steps=30", "model.d_model=64"] for a in ("--set", s)], check=False)
     assert p.returncode == 2 and "model.d_model: 32 -> 64" in p.stderr
 
 

@@ -31,7 +31,7 @@ def max_lengths(src_mask: torch.Tensor, a: float, b: int, model=None) -> torch.T
     """(B,) most output tokens per source: floor(a * source length + b), at least 1, and no more
     than the model's positions allow (`max_output_len`)."""
     n = (a * src_mask.sum(1).float() + b).floor().long()
-    limit = model.max_output_len(src_mask) if model is not None else None
+    limit = getattr(model, "max_output_len", lambda m: None)(src_mask)
     if limit is not None:
         n = torch.minimum(n, limit)
     return n.clamp(min=1)

@@ -13,6 +13,7 @@ count, repeats the uninterrupted run's losses bit for bit.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -206,6 +207,25 @@ def _check_writable(run_dir: Path) -> CheckpointError | None:
 def prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist | None = None):
     """Read data and fit (or, when resuming, reload) the codecs; rank 0 fits and writes them."""
     ctx = ctx or distributed.Dist()
+    with paused_gc():
+        return _prepare(cfg, run_dir, resuming, ctx)
+
+
+@contextmanager
+def paused_gc():
+    """Python's cyclic garbage collector rescans every live container again and again while
+    millions are allocated (loading 5M pairs took 3x longer with it); reading and encoding
+    make no reference cycles, so it is paused meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist):
     task = task_for(cfg)  # seq2seq, or an encoder-only family's labelling/MLM task
     splits = load_splits(cfg.data, task.read)
     if not splits.train:
