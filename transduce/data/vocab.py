@@ -116,15 +116,11 @@ class CharTokenizer:
     def _cased(self, texts: list[str]) -> list[str]:
         return [t.lower() for t in texts] if self.lowercase else texts
 
-    def count(self, texts: Iterable[str], chunk: int = 100_000) -> Counter:
-        """Symbol counts over all texts."""
-        counts, part = Counter(), []
-        for t in chain(texts, [None]):
-            if t is not None:
-                part.append(t)
-            if len(part) >= chunk or (t is None and part):
-                counts.update(self._symbols_of(self._cased(part)))
-                part = []
+    def count(self, texts: list[str], chunk: int = 100_000) -> Counter:
+        """Symbol counts over all texts, a chunk at a time."""
+        counts = Counter()
+        for k in range(0, len(texts), chunk):
+            counts.update(self._symbols_of(self._cased(texts[k: k + chunk])))
         return counts
 
     def _symbols_of(self, texts: list[str]):
