@@ -13,6 +13,13 @@ the transduce run evaluates on dev every `eval_every` steps, HF does not, in
 HF's favour). Then both decode the test set greedy and with beam 5 (HF
 `generate`; max length as the recipe's) and one table prints WER/PER with and
 without stress. Needs the `bench` extra (transformers).
+
+For long budgets both can train at once, each on one core with one thread:
+
+    OMP_NUM_THREADS=1 taskset -c 0 transduce train recipes/g2p_cmudict.yaml --out runs/g2p60 \\
+        --set train.max_minutes=60 &
+    taskset -c 1 python bench/quality.py --minutes 60 --ours runs/g2p60 --threads 1 --phase train
+    python bench/quality.py --minutes 60 --ours runs/g2p60 --phase eval    # when both are done
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +35,8 @@ from hf_bart import bart
 from transduce import metrics as M
 from transduce.data.pipeline import epoch_batches, group_references, load_splits
 from transduce.data.vocab import PAD
-from transduce.inference import decode, load_run
+from transduce.config import load_config
+from transduce.inference import decode, load_codecs, load_run
 from transduce.training.schedule import lr_at
 from transduce.training.trainer import sequence_loss
 
@@ -95,18 +104,36 @@ def main():
     ap.add_argument("--ours", required=True, help="transduce run of recipes/g2p_cmudict.yaml, same minutes")
     ap.add_argument("--out", help="where the HF model is saved (default runs/quality_hfMINUTES)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--phase", choices=["all", "train", "eval"], default="all",
+                    help="train: only train and save the HF model (needs only the config and vocabularies "
+                         "of --ours, so it can run beside ours); eval: decode with the saved one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/quality_hf{args.minutes:g}")
+    if args.phase == "eval":
+        from transformers import BartForConditionalGeneration
+
+        model = BartForConditionalGeneration.from_pretrained(out).eval()
+        trained = json.loads((out / "training.json").read_text())
+    else:
+        src, tgt = load_codecs(Path(args.ours))
+        spec = SimpleNamespace(config=load_config(Path(args.ours) / "config.yaml"), source=src, target=tgt)
+        model, steps, tps = train_hf(spec, args.minutes, out)
+        trained = {"minutes": args.minutes, "threads": args.threads, "steps": steps, "tokens_per_s": tps}
+        (out / "training.json").write_text(json.dumps(trained))
+        print(json.dumps(trained))
+        if args.phase == "train":
+            return
     run = load_run(args.ours)
     words, refs = group_references(load_splits(run.config.data).test)
-    out = Path(args.out or f"runs/quality_hf{args.minutes:g}")
-    model, steps, tps = train_hf(run, args.minutes, out)
+    steps, tps = trained["steps"], trained["tokens_per_s"]
     rows = []
     for beam in (1, 5):
         hyps = [h[0].tokens for h in decode(run, words, beam=beam, nbest=1, batch_size=200)]
         rows.append(("transduce", beam, M.compute(METRICS, [run.target.decode(h) for h in hyps], refs)))
         rows.append(("HF BART", beam, M.compute(METRICS, hf_decode(model, run, words, beam), refs)))
-    print(f"G2P test ({len(words)} words), {args.minutes:g} minutes of training, {args.threads} threads; "
+    print(f"G2P test ({len(words)} words), {args.minutes:g} minutes of training, HF on {trained['threads']} "
+          f"threads; "
           f"transduce {run.state.get('step')} steps, HF {steps} steps ({tps:,.0f} tok/s)")
     print("| system | beam | WER % | PER % | WER % no stress | PER % no stress |")
     print("|---|---:|---:|---:|---:|---:|")
