@@ -1,9 +1,11 @@
-"""Decoding speed on the G2P test set: transduce (PyTorch) vs CTranslate2 (float32, int8) vs HF generate.
+"""Decoding speed on the G2P test set: transduce (PyTorch, float32 and int8) vs CTranslate2 (float32, int8)
+vs HF generate.
 
     python bench/decode_speed.py --model runs/g2p [--threads 2] [--batch 200] [--limit 0]
 
 transduce and CTranslate2 run the same weights (exported with `transduce
-export`), with the same maximum lengths. Hugging Face `generate` runs a BART
+export`), with the same maximum lengths; "transduce int8" is `--quantize
+int8` (models/quantize.py). Hugging Face `generate` runs a BART
 of the same sizes; it cannot load our pre-norm weights, so each of its
 batches is made to produce exactly as many steps as our longest output in
 that batch (min/max_new_tokens), the same work per batch. Prints words/s and
@@ -59,6 +61,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = load_run(args.model)
+    quantized = load_run(args.model, quantize="int8")
     words, refs = group_references(load_splits(run.config.data).test)
     if args.limit:
         words, refs = words[: args.limit], refs[: args.limit]
@@ -69,10 +72,13 @@ def main():
         ct2 = {q: CT2Translator(export(run, f"{tmp}/{q}", None if q == "float32" else q),
                                 threads=args.threads, compute_type=q) for q in ("float32", "int8")}
         for beam in (1, 5):
-            hyps, dt = timed(lambda: decode(run, words, beam=beam, nbest=1, batch_size=args.batch))
-            ours = [h[0].tokens for h in hyps]
-            wer = M.compute(["wer"], [run.target.decode(t) for t in ours], refs)["wer"]
-            rows.append(("transduce (PyTorch)", beam, n / dt, wer))
+            for name, r in (("transduce float32", run), ("transduce int8", quantized)):
+                hyps, dt = timed(lambda: decode(r, words, beam=beam, nbest=1, batch_size=args.batch))
+                tokens = [h[0].tokens for h in hyps]
+                wer = M.compute(["wer"], [run.target.decode(t) for t in tokens], refs)["wer"]
+                rows.append((name, beam, n / dt, wer))
+                if r is run:
+                    ours = tokens
             for q, tr in ct2.items():
                 out, dt = timed(lambda: tr.translate_ids(src_ids, beam=beam, batch_size=args.batch,
                                                          per_source_limit=False))
@@ -87,10 +93,12 @@ def main():
     for name, beam, wps, wer in rows:
         print(f"| {name} | {beam} | {wps:,.0f} | {'-' if wer != wer else f'{wer:.2f}'} |")
     for beam in (1, 5):
-        ours = next(r[2] for r in rows if r[0].startswith("transduce") and r[1] == beam)
-        for name, b, wps, _ in rows:
-            if b == beam and not name.startswith("transduce"):
-                print(f"beam {beam}: transduce / {name} = {ours / wps:.2f}x")
+        for mine, b0, speed, _ in rows:
+            if b0 != beam or not mine.startswith("transduce"):
+                continue
+            for name, b, wps, _ in rows:
+                if b == beam and not name.startswith("transduce"):
+                    print(f"beam {beam}: {mine} / {name} = {speed / wps:.2f}x")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,19 @@ def test_translate_keeps_order_and_empty_lines(run_dir):
     assert len(nb.stdout.strip("\n").split("\t")) == 3
 
 
+def test_translate_and_evaluate_in_int8(run_dir, tmp_path):
+    p = cli("translate", "--model", str(run_dir), "--quantize", "int8", stdin="cat\n\nphoneme\n")
+    lines = p.stdout.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[0] and lines[2]
+    test = tmp_path / "t.tsv"
+    test.write_text("cat\tK AE1 T\ndog\tD AO1 G\n")
+    p = cli("evaluate", "--model", str(run_dir), "--data", str(test), "--quantize", "int8")
+    assert json.loads(p.stdout.strip().splitlines()[-1])["items"] == 2
+    p = cli("translate", "--model", str(run_dir), "--engine", "ctranslate2", "--quantize", "int8",
+            stdin="cat\n", check=False)
+    assert p.returncode != 0 and "--quantize needs --engine torch" in p.stderr
+
+
 def test_evaluate_prints_json_last(run_dir, tmp_path):
     test = tmp_path / "t.tsv"
     test.write_text("cat\tK AE1 T\ndog\tD AO1 G\ncat\tK AE2 T\n")

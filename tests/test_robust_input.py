@@ -66,6 +66,12 @@ def test_bulk_encoding_equals_encoding_one_by_one(codecs, texts):
         assert many == one
 
 
+def test_whitespace_table_is_what_str_split_splits_on():
+    from transduce.data.vocab import WHITESPACE
+
+    assert WHITESPACE.tolist() == [c for c in range(0x110000) if chr(c).isspace()]
+
+
 @pytest.mark.parametrize("kind", ["char", "whitespace"])
 def test_bulk_vocabulary_counts_equal_token_by_token(kind):
     texts = CORPUS + ["ΟΔΟΣ İstanbul", "ẞ straße"]
@@ -105,6 +111,25 @@ def test_block_reader_reads_lines_as_one_by_one(tmp_path, parts, block):
     got = [(first + i, t, errors.get(i) if errors else None)
            for first, texts, errors in _line_blocks(path, block) for i, t in enumerate(texts)]
     assert got == list(lines_one_by_one(path))
+
+
+@SETTINGS
+@given(parts=st.lists(st.one_of(st.sampled_from(BYTES + [b"\t", b"a\tb\n", b"\xe3\x80\x80"]),
+                                st.binary(max_size=4)), max_size=40),
+       block=st.sampled_from([1, 3, 8, 1 << 20]))
+@example(parts=[b"a\tb\n", b"c\t\xe3\x80\x80\n", b"d\te\tf\n", b"g\n", b"h\ti"], block=1 << 20)
+def test_tsv_blocks_read_as_line_by_line(tmp_path, parts, block):
+    """The TSV fast path (whole blocks split in C) keeps, numbers and rejects exactly the lines that
+    reading one line at a time does."""
+    from transduce.data.readers import PairList, ReadReport, _lines, _tsv_line
+
+    path = tmp_path / "d.tsv"
+    path.write_bytes(b"".join(parts))
+    ref, ref_report = PairList(path), ReadReport()
+    for number, t, error in _lines(path):
+        _tsv_line(ref, ref_report, True, path, number, t, error)
+    got, report = read_tsv(path, skip_invalid=True, block_bytes=block)
+    assert list(got) == list(ref) and report == ref_report
 
 
 @SETTINGS

@@ -93,6 +93,28 @@ def test_batched_beam_equals_one_by_one():
         assert [h.tokens for h in alone[0]] == [h.tokens for h in together[i]]
 
 
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_batch_with_finished_sources_equals_one_by_one(decoding_model_name, search):
+    """Sources that finish early stay in the batch until enough have finished (search.COMPACT_AT),
+    then leave it; neither changes any other source's output."""
+    model = make_model(decoding_model_name, seed=17)
+    src, mask = sources(decoding_model_name, b=12, seed=17)
+
+    def run(s, m):
+        if search == "greedy":
+            return [h[0] for h in greedy(model, s, m, 1.0, 4)]
+        return [h[0] for h in beam_search(model, s, m, beam=3, nbest=1, max_len_a=1.0, max_len_b=4)]
+
+    together = run(src, mask)
+    lengths = {len(h.tokens) for h in together}
+    assert len(lengths) > 2, "the sources should finish at different steps"
+    for i in range(src.shape[0]):
+        s = int(mask[i].sum())
+        alone = run(src[i: i + 1, :s], mask[i: i + 1, :s])[0]
+        assert alone.tokens == together[i].tokens
+        assert alone.logprob == pytest.approx(together[i].logprob, abs=1e-4)
+
+
 def test_search_stops_where_the_positions_run_out(decoding_model_name):
     """Asked for far longer outputs than the model's positions hold, search stops at the model's
     limit (per source for single stacks, where the source takes positions too) instead of failing."""

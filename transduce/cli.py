@@ -59,14 +59,15 @@ def _translate(args) -> int:
     if args.engine == "ctranslate2":
         from transduce.export.ctranslate2 import CT2Translator
 
-        if args.attention:
-            raise ValueError("--attention needs --engine torch")
+        if args.attention or args.quantize:
+            raise ValueError(f"{'--attention' if args.attention else '--quantize'} needs --engine torch "
+                             "(a CTranslate2 model is quantized by `transduce export --quantization`)")
         ct2 = CT2Translator(args.model, threads=args.threads or 0)
         sources = _read_inputs(args)
         outputs = ct2.translate(sources, args.beam or ct2.decode_cfg["beam"], args.nbest or 1,
                                 args.batch_size or ct2.decode_cfg["batch_size"])
     else:
-        run = load_run(args.model)
+        run = load_run(args.model, quantize=args.quantize)
         sources = _read_inputs(args)
         outputs = translate(run, sources, args.beam, args.nbest, args.batch_size)
     lines = []
@@ -93,7 +94,7 @@ def _evaluate(args) -> int:
     from transduce.inference import evaluate_pairs, load_run
     from transduce.tasks import task_for
 
-    run = load_run(args.model)
+    run = load_run(args.model, quantize=args.quantize)
     _threads(args.threads)
     if not run.model.can_decode or task_for(run.config).name != "seq2seq":  # the task reads and scores
         return _evaluate_labels(args, run)
@@ -280,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the run's config")
         q.add_argument("--batch-size", type=int, help="inputs decoded together; default from config")
         q.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+        q.add_argument("--quantize", choices=["int8"],
+                       help="decode with the linear layers in int8 (CPU; weights per channel, activations "
+                            "per call): faster, near the float32 accuracy")
 
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",
                         description="Read one source per line, write one output per line, order preserved. "

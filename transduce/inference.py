@@ -37,8 +37,9 @@ def load_codecs(run_dir: Path) -> tuple[TextCodec, TextCodec]:
     return out[0], out[1]
 
 
-def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
-    """Rebuild the model of a run directory from its files alone."""
+def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = None) -> LoadedRun:
+    """Rebuild the model of a run directory from its files alone; `quantize="int8"` gives a
+    model for CPU decoding whose linear layers run in int8 (see models/quantize.py)."""
     from transduce.models import build_model
 
     run_dir = Path(run_dir)
@@ -56,6 +57,10 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     model = build_model(cfg.model, len(src.vocab), len(tgt.vocab))
     load_model_tensors(model, tensors, ckpt / "model.safetensors")
     model.eval()
+    if quantize:
+        from transduce.models.quantize import quantize as quantized
+
+        model = quantized(model, quantize)
     return LoadedRun(cfg, model, src, tgt, state, ckpt)
 
 

@@ -1,8 +1,9 @@
 """Decoding as pure functions over the model's encode/step interface.
 
 `greedy`, `beam_search` and `sample` encode once and then step the decoder one position at a time
-with its cache; sources that are finished are dropped from the batch so the
-remaining steps cost less. None knows which family the model is.
+with its cache; sources that are finished leave the batch (once they are a
+quarter of it, `COMPACT_AT`) so the remaining steps cost less. None knows
+which family the model is.
 `ForcedPrefix` makes every output start with given tokens (a prompt to
 continue) without the searches knowing.
 
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 
 from transduce.data.vocab import BOS, EOS, PAD
 from transduce.config import DecodeConfig
+
+# Finished sources leave the batch once they are this fraction of its rows: dropping them copies
+# the decoder state, so a few finished rows are cheaper to carry along than to drop at once.
+COMPACT_AT = 0.25
 
 
 @dataclass
@@ -99,6 +104,7 @@ def _one_path(model, src, src_mask, max_len_a, max_len_b, length_penalty, pick) 
     memory = model.encode(src, src_mask)
     state = model.init_state(memory, 1, int(max_len.max()) + 1)
     alive = torch.arange(b)                       # original index of each row
+    live = torch.ones(b, dtype=torch.bool)        # rows still decoding (finished ones wait to be dropped)
     last = torch.full((b,), BOS, dtype=torch.long)
     tokens = torch.zeros(b, 0, dtype=torch.long)  # (rows, t)
     logprob = torch.zeros(b)
@@ -110,17 +116,19 @@ def _one_path(model, src, src_mask, max_len_a, max_len_b, length_penalty, pick) 
         best = pick(logp)
         best[at_max] = EOS
         logprob = logprob + logp.gather(1, best[:, None])[:, 0]
-        done = best == EOS
+        done = (best == EOS) & live
         for r in done.nonzero()[:, 0].tolist():
             n = tokens.shape[1] + 1
             lp = float(logprob[r])
             out[int(alive[r])] = [Hypothesis(tokens[r].tolist(), lp, lp / n ** length_penalty)]
         tokens = torch.cat([tokens, best[:, None]], 1)
-        if done.any():
-            keep = (~done).nonzero()[:, 0]
-            if keep.numel() == 0:
-                break
-            alive, tokens, logprob, best = alive[keep], tokens[keep], logprob[keep], best[keep]
+        live &= ~done
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        if n_live <= (1.0 - COMPACT_AT) * live.numel():
+            keep = live.nonzero()[:, 0]
+            alive, tokens, logprob, best, live = alive[keep], tokens[keep], logprob[keep], best[keep], live[keep]
             state = model.reorder_state(state, keep, keep)
         last = best
     return out
@@ -146,6 +154,7 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
     memory = model.encode(src, src_mask)
     state = model.init_state(memory, k, steps)
     alive = torch.arange(b)
+    live = torch.ones(b, dtype=torch.bool)        # sources still searching (done ones wait to be dropped)
     scores = torch.full((b, k), float("-inf"))
     scores[:, 0] = 0.0                            # only the first beam is live at the start
     hist = torch.zeros(b, k, 0, dtype=torch.long)
@@ -169,19 +178,22 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
         beam_of, tok = idx // vocab, idx % vocab
         finite = torch.isfinite(top)
         rank = torch.arange(n_cand)[None, :]
-        ends = (tok == EOS) & finite & (rank < k)
+        ends = (tok == EOS) & finite & (rank < k) & live[:, None]
         length = t + 1                             # tokens including </s>
-        for i, r in ends.nonzero().tolist():
-            raw = float(top[i, r])
-            hyp = Hypothesis(hist[i, beam_of[i, r]].tolist(), raw, raw / length ** length_penalty)
-            src_i = int(alive[i])
-            f = finished[src_i]
-            f.append(hyp)
-            f.sort(key=lambda h: -h.score)
-            del f[k:]
-            n_finished[src_i] = len(f)
-            if len(f) >= nbest:
-                nth_score[src_i] = f[nbest - 1].score
+        ended = ends.nonzero().tolist()
+        if ended:  # as Python lists once, not an indexing op per hypothesis
+            top_l, beam_l, hist_l, alive_l = top.tolist(), beam_of.tolist(), hist.tolist(), alive.tolist()
+            for i, r in ended:
+                raw = top_l[i][r]
+                hyp = Hypothesis(hist_l[i][beam_l[i][r]], raw, raw / length ** length_penalty)
+                src_i = alive_l[i]
+                f = finished[src_i]
+                f.append(hyp)
+                f.sort(key=lambda h: -h.score)
+                del f[k:]
+                n_finished[src_i] = len(f)
+                if len(f) >= nbest:
+                    nth_score[src_i] = f[nbest - 1].score
         # First K candidates that do not end: they stay alive, in rank order.
         cont = (tok != EOS) & finite
         order = torch.argsort((~cont).long() * n_cand + rank, dim=1)[:, :k]
@@ -192,14 +204,16 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
         bound = scores[:, 0] / (length + 1) ** length_penalty  # best alive, ending next step
         count = n_finished[alive]
         done = ~torch.isfinite(scores[:, 0]) | (count >= k) | ((count >= nbest) & (bound <= nth_score[alive]))
+        live &= ~done
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
         rows = (new_beam + torch.arange(n_rows)[:, None] * k).view(-1)
         keep = None
-        if done.any():
-            keep = (~done).nonzero()[:, 0]
-            if keep.numel() == 0:
-                break
+        if n_live <= (1.0 - COMPACT_AT) * n_rows:
+            keep = live.nonzero()[:, 0]
             rows = rows.view(n_rows, k)[keep].view(-1)
-            alive, scores, hist, new_tok = alive[keep], scores[keep], hist[keep], new_tok[keep]
+            alive, scores, hist, new_tok, live = alive[keep], scores[keep], hist[keep], new_tok[keep], live[keep]
         state = model.reorder_state(state, rows, keep)
         last = new_tok.reshape(-1)
     return [f[:nbest] for f in finished]

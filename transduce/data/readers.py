@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the line and the problem."""
@@ -78,6 +80,51 @@ class ReadReport:
 BLOCK_BYTES = 1 << 24
 
 
+def _raw_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """Blocks of whole lines as bytes (the last may lack its LF), the byte-order mark removed."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    first = True
+    with f:
+        while True:
+            block = f.read(block_bytes)
+            if not block:
+                return
+            if not block.endswith(b"\n"):
+                block += f.readline()  # complete the last line
+            if first and block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+            first = False
+            yield block
+
+
+def _block_lines(block: bytes) -> tuple[list, dict | None]:
+    """(texts, errors) of a block's lines (see `_line_blocks`)."""
+    whole = block.endswith(b"\n")
+    errors = None
+    try:
+        texts = block.decode("utf-8").split("\n")
+        if whole:
+            texts.pop()
+    except UnicodeDecodeError:
+        texts, errors = [], {}
+        for i, raw in enumerate((block[:-1] if whole else block).split(b"\n")):
+            try:
+                texts.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:  # a CR at the end (ASCII) moves no error
+                errors[i] = f"invalid UTF-8 at byte {e.start} of the line"
+                texts.append(None)
+    if b"\r" in block:  # CR of CRLF endings: every line but a last one that had no LF
+        ended = len(texts) if whole else len(texts) - 1
+        for i in range(ended):
+            t = texts[i]
+            if t is not None and t.endswith("\r"):
+                texts[i] = t[:-1]
+    return texts, errors
+
+
 def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, list, dict | None]]:
     """Yield (number of the first line, texts, errors) for blocks of whole lines.
 
@@ -86,42 +133,37 @@ def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[i
     in one call; where it is not valid UTF-8, line by line: `errors` maps the
     index of each bad line (its text None) to the problem, else it is None.
     """
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
     number = 1
-    with f:
-        while True:
-            block = f.read(block_bytes)
-            if not block:
-                return
-            if not block.endswith(b"\n"):
-                block += f.readline()  # complete the last line
-            if number == 1 and block.startswith(b"\xef\xbb\xbf"):
-                block = block[3:]
-            whole = block.endswith(b"\n")
-            errors = None
-            try:
-                texts = block.decode("utf-8").split("\n")
-                if whole:
-                    texts.pop()
-            except UnicodeDecodeError:
-                texts, errors = [], {}
-                for i, raw in enumerate((block[:-1] if whole else block).split(b"\n")):
-                    try:
-                        texts.append(raw.decode("utf-8"))
-                    except UnicodeDecodeError as e:  # a CR at the end (ASCII) moves no error
-                        errors[i] = f"invalid UTF-8 at byte {e.start} of the line"
-                        texts.append(None)
-            # CR of CRLF endings: every line but a last one that had no LF
-            ended = len(texts) if whole else len(texts) - 1
-            for i in range(ended):
-                t = texts[i]
-                if t is not None and t.endswith("\r"):
-                    texts[i] = t[:-1]
-            yield number, texts, errors
-            number += len(texts)
+    for block in _raw_blocks(path, block_bytes):
+        texts, errors = _block_lines(block)
+        yield number, texts, errors
+        number += len(texts)
+
+
+def _tsv_columns(block: bytes) -> tuple[list[str], list[str]] | None:
+    """Sources and targets of a block of TSV lines in a few C calls, or None unless every line is
+    valid UTF-8 with exactly one tab, no CR and no empty (or all-space) field; such a block goes
+    line by line, which names the problem."""
+    if b"\r" in block:
+        return None
+    codes = np.frombuffer(block, dtype=np.uint8)
+    tabs, ends = np.flatnonzero(codes == 9), np.flatnonzero(codes == 10)
+    if not block.endswith(b"\n"):
+        ends = np.append(ends, len(codes))
+    if len(tabs) != len(ends) or (tabs > ends).any() or (tabs[1:] < ends[:-1]).any():
+        return None  # some line has no tab or more than one
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    fields = text.replace("\t", "\n").split("\n")
+    if block.endswith(b"\n"):
+        fields.pop()
+    sources, targets = fields[0::2], fields[1::2]
+    for col in (sources, targets):
+        if "" in col or any(map(str.isspace, col)):
+            return None
+    return sources, targets
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
@@ -150,20 +192,24 @@ def _emit(pairs: PairList, report: ReadReport, skip_invalid: bool, problem: str 
         raise DataError(problem + " (set data.skip_invalid: true to skip such lines)")
 
 
-def read_tsv(path: Path, skip_invalid: bool = False) -> tuple[PairList, ReadReport]:
+def read_tsv(path: Path, skip_invalid: bool = False, block_bytes: int = BLOCK_BYTES) -> tuple[PairList, ReadReport]:
     pairs = PairList(path)
     report = ReadReport()
-    for first, texts, errors in _line_blocks(path):
-        if errors is None:  # a block of good lines goes in whole (the common case: millions of lines)
-            cols = [t.split("\t") for t in texts]
-            if all(len(c) == 2 and c[0].strip() and c[1].strip() for c in cols):
-                pairs.sources.extend(c[0] for c in cols)
-                pairs.targets.extend(c[1] for c in cols)
-                pairs.numbers.extend(range(first, first + len(cols)))
-                report.read += len(cols)
-                continue
-        for i, text in enumerate(texts):
-            _tsv_line(pairs, report, skip_invalid, path, first + i, text, errors.get(i) if errors else None)
+    first = 1
+    for block in _raw_blocks(path, block_bytes):
+        cols = _tsv_columns(block)
+        if cols is not None:  # a block of good lines goes in whole (the common case: millions of lines)
+            n = len(cols[0])
+            pairs.sources.extend(cols[0])
+            pairs.targets.extend(cols[1])
+            pairs.numbers.extend(range(first, first + n))
+            report.read += n
+        else:
+            texts, errors = _block_lines(block)
+            n = len(texts)
+            for i, text in enumerate(texts):
+                _tsv_line(pairs, report, skip_invalid, path, first + i, text, errors.get(i) if errors else None)
+        first += n
     return pairs, report
 
 

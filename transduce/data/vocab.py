@@ -116,15 +116,24 @@ class CharTokenizer:
     def _cased(self, texts: list[str]) -> list[str]:
         return [t.lower() for t in texts] if self.lowercase else texts
 
-    def count(self, texts: list[str], chunk: int = 100_000) -> Counter:
+    def count(self, texts: list[str], chunk: int = 200_000) -> Counter:
         """Symbol counts over all texts, a chunk at a time."""
         counts = Counter()
         for k in range(0, len(texts), chunk):
-            counts.update(self._symbols_of(self._cased(texts[k: k + chunk])))
+            self._count_into(counts, self._cased(texts[k: k + chunk]))
         return counts
 
-    def _symbols_of(self, texts: list[str]):
-        return "".join(texts)  # Counter counts a string's characters in C
+    def _count_into(self, counts: Counter, texts: list[str]) -> None:
+        text = "".join(texts)
+        try:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        except UnicodeEncodeError:  # lone surrogates
+            counts.update(text)
+            return
+        n = np.bincount(codes)
+        seen = np.flatnonzero(n)
+        for c, k in zip(seen.tolist(), n[seen].tolist()):
+            counts[chr(c)] += k
 
     def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(flat int32 ids, int64 lengths) of the texts: `vocab.encode(self.split(t))` for each, joined."""
@@ -141,6 +150,26 @@ class CharTokenizer:
         return ids, lengths
 
 
+# What str.split() splits on (the code points whose str.isspace() is true).
+WHITESPACE = np.array([0x9, 0xA, 0xB, 0xC, 0xD, 0x1C, 0x1D, 0x1E, 0x1F, 0x20, 0x85, 0xA0, 0x1680,
+                       *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000], dtype=np.uint32)
+
+
+def _tokens_per_text(codes: np.ndarray, n: int) -> np.ndarray | None:
+    """Whitespace-separated tokens in each of `n` texts from the code points of the texts joined by
+    newlines: the token starts (a non-space at the start or after a space) between the joining
+    newlines. None when a text holds a newline of its own."""
+    seps = np.flatnonzero(codes == 0xA)
+    if len(seps) != n - 1:
+        return None
+    space = np.isin(codes, WHITESPACE)
+    starts = ~space
+    starts[1:] &= space[:-1]
+    before = np.cumsum(starts)
+    edges = np.concatenate(([0], before[seps], before[-1:] if len(before) else [0]))
+    return np.diff(edges).astype(np.int64)
+
+
 class WhitespaceTokenizer(CharTokenizer):
     kind = "whitespace"
 
@@ -150,13 +179,19 @@ class WhitespaceTokenizer(CharTokenizer):
     def join(self, symbols: list[str]) -> str:
         return " ".join(symbols)
 
-    def _symbols_of(self, texts: list[str]):
-        return " ".join(texts).split()  # the same tokens as splitting each text, in one C call
+    def _count_into(self, counts: Counter, texts: list[str]) -> None:
+        counts.update(" ".join(texts).split())  # the same tokens as splitting each text, in one C call
 
     def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
-        split = [t.split() for t in self._cased(texts)]
-        lengths = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
-        tokens = list(chain.from_iterable(split))
+        texts = self._cased(texts)
+        joined = "\n".join(texts)
+        tokens = joined.split()  # every text's tokens, in one C call
+        try:
+            lengths = _tokens_per_text(np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32), len(texts))
+        except UnicodeEncodeError:  # lone surrogates
+            lengths = None
+        if lengths is None:  # one text at a time
+            lengths = np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
         ids = np.fromiter(map(vocab.stoi.get, tokens, repeat(UNK)), dtype=np.int32, count=len(tokens))
         _count_unknown(ids, tokens.__getitem__, unknown)
         return ids, lengths

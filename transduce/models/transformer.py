@@ -163,6 +163,7 @@ class TransformerState:
     t: int                      # positions decoded so far
     beam: int
     attention: list | None      # if recording: per step, per layer (N, H, S) cross-attention
+    spare: list | None = None   # buffers shaped like `cache` that the next beam reorder fills
 
 
 class EncoderStack(EncoderDecoderModel):
@@ -236,7 +237,8 @@ class Transformer(EncoderStack):
         dh = c.d_model // c.heads
         mem_kv = [layer.cross_attn.project_kv(memory.states) for layer in self.decoder]
         like = memory.states
-        cache = [(like.new_zeros(b * beam, c.heads, max_len, dh), like.new_zeros(b * beam, c.heads, max_len, dh))
+        # positions are written before they are read: no need to clear them
+        cache = [(like.new_empty(b * beam, c.heads, max_len, dh), like.new_empty(b * beam, c.heads, max_len, dh))
                  for _ in self.decoder]
         return TransformerState(mem_kv, memory.mask[:, None, None, :], cache, 0, beam,
                                 [] if record_attention else None)
@@ -259,7 +261,7 @@ class Transformer(EncoderStack):
             state.mem_kv = [(k.index_select(0, batch), v.index_select(0, batch)) for k, v in state.mem_kv]
             state.src_mask = state.src_mask.index_select(0, batch)
         if rows is not None:
-            state.cache = reorder_cache(state.cache, rows, state.t)
+            state.cache, state.spare = reorder_cache(state.cache, rows, state.t, state.spare)
         return state
 
     def describe(self) -> dict:
