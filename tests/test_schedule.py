@@ -20,18 +20,26 @@ def test_schedules_warm_up_then_decay():
     assert math.isclose(lr_at(59, cos, total_steps=210), 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
-def test_cosine_over_a_time_budget_plans_its_steps_after_warmup(tmp_path):
-    """With max_minutes and no max_steps, the number of updates is planned at the end of warmup from
-    the speed so far, saved in the checkpoint, and the learning rate decays towards the floor."""
+def test_cosine_over_a_time_budget_decays_with_the_clock(tmp_path):
+    """With max_minutes and no max_steps, the cosine decay starts at the end of warmup (saved in the
+    checkpoint) and follows the share of the time budget used, so it ends with the budget whatever
+    the speed: the learning rate only goes down, and is near the floor by the last update."""
     data = toy_data(tmp_path)
     cfg = toy_config(data, max_steps=0, max_minutes=0.05, schedule="cosine", warmup_steps=5, save_every=0,
                      deterministic=False)
     state = train(cfg, tmp_path / "run", progress=False)
-    planned = state["planned_steps"]
-    assert planned >= 6 and state["planned_minutes"] == 0.05
+    start = state["decay_start_s"]
+    assert 0 < start < 3.0
     lrs = [r["lr"] for r in records(tmp_path / "run") if "lr" in r]
     assert lrs[4] == max(lrs) == 3e-3                             # the peak at the last warmup update
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))          # then it only goes down
-    assert lrs[-1] < 1.5e-3                                       # past the middle of the decay by the end
+    assert lrs[-1] < 0.3e-3                                       # near the end of the decay by the end
     saved = read_checkpoint(checkpoint_dir(tmp_path / "run", "last"))[0]
-    assert saved["planned_steps"] == planned
+    assert saved["decay_start_s"] == start
+
+
+def test_cosine_progress_overrides_the_step_count():
+    cos = TrainConfig(lr=1e-3, warmup_steps=10, schedule="cosine", max_steps=110)
+    assert lr_at(50, cos, progress=0.0) == 1e-3 and lr_at(50, cos, progress=2.0) == 0.0
+    assert math.isclose(lr_at(50, cos, progress=0.5), 0.5e-3)
+    assert lr_at(3, cos, progress=0.9) == 4e-4                    # warmup is by steps regardless

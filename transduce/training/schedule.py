@@ -6,11 +6,12 @@ import math
 from transduce.config import TrainConfig
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None, progress: float | None = None) -> float:
     """Learning rate for update `step` (0-based): linear warmup, then decay.
 
     inverse_sqrt: lr * sqrt(warmup / step) after warmup.
-    cosine: from lr down to lr * min_lr_ratio at `total_steps` (needs max_steps).
+    cosine: from lr down to lr * min_lr_ratio at `total_steps` (needs max_steps), or along
+    `progress` (0..1, e.g. the share of a time budget used since warmup) when given.
     """
     warm = max(1, cfg.warmup_steps)
     s = step + 1
@@ -20,7 +21,9 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
         return cfg.lr
     if cfg.schedule == "inverse_sqrt":
         return cfg.lr * math.sqrt(warm / s)
-    total = max(total_steps or cfg.max_steps, warm + 1)
-    progress = min(1.0, (s - warm) / (total - warm))
+    if progress is None:
+        total = max(total_steps or cfg.max_steps, warm + 1)
+        progress = (s - warm) / (total - warm)
+    progress = min(1.0, max(0.0, progress))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -384,19 +384,20 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         return bool(tc.max_minutes) and time.monotonic() - start_time >= tc.max_minutes * 60
 
     def total_steps() -> int | None:
-        """Updates a cosine schedule decays over: train.max_steps, or for a time budget alone the
-        number planned at the end of warmup from the speed so far (saved, so a resumed run keeps
-        it; rescaled when a resumed run changes train.max_minutes)."""
+        """Updates a cosine schedule decays over: train.max_steps (or the number planned by a run
+        saved before time budgets decayed by the clock, rescaled if train.max_minutes changed)."""
         if tc.max_steps or "planned_steps" not in state:
             return tc.max_steps or None
         return max(1, round(state["planned_steps"] * tc.max_minutes / state["planned_minutes"]))
 
-    def plan_steps() -> None:
-        elapsed = ctx.all_sum([time.monotonic() - start_time])[0] / ctx.world  # the same on every rank
-        state["planned_steps"] = max(state["step"] + 1, round(state["step"] * tc.max_minutes * 60 / elapsed))
-        state["planned_minutes"] = tc.max_minutes
-        log.info("cosine schedule over train.max_minutes=%g: %d updates planned (from the speed of the "
-                 "first %d)", tc.max_minutes, state["planned_steps"], state["step"])
+    def time_progress(clock: float) -> float | None:
+        """For a cosine schedule over a time budget alone: the share of the budget after warmup used
+        by `clock` (seconds of the run, the mean over ranks), so the decay ends with the budget even
+        when the speed changes (evaluations included)."""
+        if not time_planned or "decay_start_s" not in state:
+            return None
+        start = state["decay_start_s"]
+        return (clock - start) / max(1e-9, tc.max_minutes * 60 - start)
 
     time_planned = tc.schedule == "cosine" and not tc.max_steps
     late = bool(tc.max_minutes) and state["elapsed_s"] >= tc.max_minutes * 60
@@ -414,10 +415,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             # The key seeds what a task draws per batch (MLM masks): the same again on resume.
             cpu_group = [collate(data, plan[j], (tc.seed, state["epoch"], j)) for j in picks]
             # Losses are summed and divided by the target tokens of the whole update on all ranks.
-            n_tokens, step_tokens = ctx.all_sum([sum(b.n_tgt_tokens for b in cpu_group),
-                                                 sum(b.n_src_tokens + b.n_tgt_tokens for b in cpu_group)])
+            # (and the run's clock, averaged: the same learning rate on every rank)
+            n_tokens, step_tokens, clock = ctx.all_sum([sum(b.n_tgt_tokens for b in cpu_group),
+                                                        sum(b.n_src_tokens + b.n_tgt_tokens for b in cpu_group),
+                                                        time.monotonic() - start_time])
+            clock /= ctx.world
             group = [_to(b, ctx.device) for b in cpu_group]
-            lr = lr_at(state["step"], tc, total_steps())
+            lr = lr_at(state["step"], tc, total_steps(), time_progress(clock))
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_sum = 0.0
@@ -452,8 +456,11 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            if time_planned and state["step"] == max(1, tc.warmup_steps) and "planned_steps" not in state:
-                plan_steps()
+            if time_planned and state["step"] == max(1, tc.warmup_steps) and "decay_start_s" not in state \
+                    and "planned_steps" not in state:
+                state["decay_start_s"] = clock
+                log.info("cosine schedule: decays from %.0f s to the end of train.max_minutes=%g", clock,
+                         tc.max_minutes)
             state["tokens"] += int(step_tokens)
             window_tokens += int(step_tokens)
             window_loss += loss_sum
