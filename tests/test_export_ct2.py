@@ -24,7 +24,8 @@ def fake_run(name: str, seed: int) -> LoadedRun:
     return LoadedRun(cfg, model, src, tgt, {}, None)
 
 
-@pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-shared"])
+@pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-shared",
+                                  "transformer-bert-style"])
 def test_ctranslate2_greedy_matches(tmp_path, name):
     run = fake_run(name, seed=21)
     out = export(run, tmp_path / "ct2")

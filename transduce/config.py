@@ -196,7 +196,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.schedule == "cosine" and self.max_steps <= 0 and self.max_minutes <= 0:
             raise ValueError("schedule 'cosine' needs max_steps > 0 (it decays to max_steps) or max_minutes > 0 "
-                             "(it decays over the updates that fit in the time, planned after warmup)")
+                             "(it decays from the end of warmup to the end of the time, by the clock)")
         if self.batch_tokens <= 0 or self.max_batch_pairs <= 0 or self.accum_steps <= 0:
             raise ValueError("batch_tokens, max_batch_pairs and accum_steps must be positive")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -4,7 +4,8 @@ The spec is built with `ctranslate2.specs` directly from our weights (no
 converter in between). Our layout maps one to one: fused q/k/v in
 self-attention, q and fused k/v in cross-attention, sinusoidal (interleaved)
 or learned positions given to CTranslate2 as an explicit table, embeddings
-scaled by sqrt(d_model). Vocabulary symbols are written as the symbols' ids
+scaled by sqrt(d_model) or not, with or without a LayerNorm after them
+(BART/BERT-style stacks), our LayerNorm epsilon. Vocabulary symbols are written as the symbols' ids
 ("0", "1", ...) so any symbol, including a space, survives the round trip;
 `CT2Translator` maps text to those ids and back with our codecs.
 """
@@ -63,18 +64,21 @@ def build_spec(model):
     c = model.config
     if c.family != "transformer":
         raise ValueError(f"CTranslate2 export supports the transformer family, not {c.family!r}")
-    if c.embed_norm or not c.embed_scale or c.norm_eps != 1e-5:
-        raise ValueError("CTranslate2 export supports embeddings scaled by sqrt(d_model) without a LayerNorm and "
-                         "norm_eps 1e-5, not BERT-style stacks (model.embed_scale: false, embed_norm: true, "
-                         "norm_eps)")
     spec = transformer_spec.TransformerSpec.from_config(
         (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=c.norm == "pre",
-        activation=common_spec.Activation.GELU if c.activation == "gelu" else common_spec.Activation.RELU)
+        activation=common_spec.Activation.GELU if c.activation == "gelu" else common_spec.Activation.RELU,
+        layernorm_embedding=c.embed_norm)
     enc, dec = spec.encoder, spec.decoder
     enc.embeddings[0].weight = _np(model.src_embed.tokens.weight)
     enc.position_encodings.encodings = _positions(model.src_embed)
     dec.embeddings.weight = _np(model.tgt_embed.tokens.weight)
     dec.position_encodings.encodings = _positions(model.tgt_embed)
+    # tokens (times sqrt(d_model) unless embed_scale is off) plus positions, then the embedding
+    # LayerNorm of BART/BERT-style stacks: the order CTranslate2 applies them in too
+    enc.scale_embeddings = dec.scale_embeddings = bool(c.embed_scale)
+    if c.embed_norm:
+        _norm(enc.layernorm_embedding, model.src_embed.norm)
+        _norm(dec.layernorm_embedding, model.tgt_embed.norm)
     if c.norm == "pre":
         _norm(enc.layer_norm, model.enc_norm)
         _norm(dec.layer_norm, model.dec_norm)
@@ -103,7 +107,7 @@ def build_spec(model):
 def export(run, out_dir: str | Path, quantization: str | None = None) -> Path:
     """Write a CTranslate2 model of `run` (a LoadedRun) plus our codecs into `out_dir`."""
     spec = build_spec(run.model)
-    spec.config.layer_norm_epsilon = 1e-5
+    spec.config.layer_norm_epsilon = run.model.config.norm_eps
     spec.register_source_vocabulary([ct2_symbol(i) for i in range(len(run.source.vocab))])
     spec.register_target_vocabulary([ct2_symbol(i) for i in range(len(run.target.vocab))])
     spec.validate()
