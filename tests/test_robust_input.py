@@ -281,3 +281,26 @@ def test_translate_writes_one_line_per_input(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.endswith("\n") and len(out.split("\n")) == len(inputs) + 1
     assert out.split("\n")[3] == "x\u2028y x\u2028y "
+
+
+@SETTINGS
+@given(texts=st.lists(text, max_size=12), kind=st.sampled_from(["char", "whitespace"]), low=st.booleans(),
+       min_frequency=st.sampled_from([1, 2]))
+@example(texts=["ΟΔΟΣ ΣΑΣ", "İx", "", "\U0001F600\x00", "<unk> </s> a", "a\nb"], kind="whitespace", low=True,
+         min_frequency=1)
+def test_fit_encode_in_one_pass_equals_fit_then_encode(texts, kind, low, min_frequency):
+    """Fitting and encoding a corpus in one pass gives the vocabulary, ids and unknown-symbol counts
+    of fitting first and encoding each text after."""
+    cfg = TokenizerConfig(kind=kind, lowercase=low, min_frequency=min_frequency)
+    one = Counter()
+    codec, flat, lengths = TextCodec.fit_encode(cfg, texts, one)
+    ref = TextCodec.fit(cfg, texts)
+    assert codec.vocab.itos == ref.vocab.itos
+    unknown = Counter()
+    ids = [ref.encode(t, unknown) for t in texts]
+    assert lengths.tolist() == [len(i) for i in ids]
+    assert flat.tolist() == [i for x in ids for i in x]
+    assert one == unknown
+    vocab, flat2, lengths2, unknown2 = codec.tokenizer.fit_ids(texts, min_frequency, chunk=2)  # across chunks
+    assert vocab.itos == ref.vocab.itos and flat2.tolist() == flat.tolist()
+    assert lengths2.tolist() == lengths.tolist() and unknown2 == unknown

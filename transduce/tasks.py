@@ -7,6 +7,7 @@ The trainer and the CLI ask the run's task (`task_for(cfg)`, from
     splits = load_splits(cfg.data, task.read)          # task.read: file -> pairs (None: the default readers)
     source, target = task.fit_codecs(cfg, splits.train) # target: the label vocabulary for labelling tasks
     data = task.encode(splits.train, source, target, cfg)   # .collate(index, key) -> Batch
+    source, target, data = task.fit_and_encode(cfg, splits.train)  # optional: both, in one pass
     result, rows = task.evaluate(run, pairs, metrics)   # metrics + (input, output, references) rows
 
 Every task's batches keep the training contract: the loss is the
@@ -54,8 +55,8 @@ from transduce.config import METRIC_CHOICES, Config, NoiseConfig, TokenizerConfi
 from transduce.data.masking import Masking, mask_tokens
 from transduce.data.multitask import mixture, task_of
 from transduce.data.noise import corrupt
-from transduce.data.pipeline import (Batch, EncodedPairs, TokenArray, encode_pairs, fit_codecs, group_references,
-                                     pad, source_batches)
+from transduce.data.pipeline import (Batch, EncodedPairs, TokenArray, encode_pairs, fit_codecs, fit_encode_pairs,
+                                     group_references, pad, source_batches)
 from transduce.data.readers import DataError, Pair, ReadReport, _lines, read_pairs, read_text
 from transduce.data.vocab import BOS, EOS, MASK_SYMBOL, PAD, SPECIALS, TextCodec, Vocab, WhitespaceTokenizer
 
@@ -93,6 +94,15 @@ class Seq2SeqTask:
 
     def encode(self, pairs, source, target, cfg: Config, what: str = "train") -> EncodedPairs:
         return encode_pairs(pairs, source, target, cfg.data, what)
+
+    def fit_and_encode(self, cfg: Config, train: list[Pair]) -> tuple[TextCodec, TextCodec, EncodedPairs]:
+        """`fit_codecs`, then `encode` of the training pairs: in one pass over each column where this
+        task fits and encodes as plain seq2seq does (no shared vocabulary, no train.init_from)."""
+        plain = type(self).fit_codecs is Seq2SeqTask.fit_codecs and type(self).encode is Seq2SeqTask.encode
+        if plain and not cfg.train.init_from and not getattr(cfg.model, "share_embeddings", False):
+            return fit_encode_pairs(cfg.data, train, "train")
+        source, target = self.fit_codecs(cfg, train)
+        return source, target, self.encode(train, source, target, cfg, "train")
 
     def score_ids(self, run, line: str) -> tuple[list[int], list[int]] | None:
         """(source ids, target ids) that `transduce score` scores for one input line (None: empty).

@@ -132,6 +132,18 @@ class EncodedPairs:
         return None
 
 
+def fit_encode_pairs(cfg: DataConfig, pairs: list[Pair], what: str = "train"
+                     ) -> tuple[TextCodec, TextCodec, EncodedPairs]:
+    """`fit_codecs` (no shared vocabulary) and `encode_pairs` in one pass over each column
+    (`TextCodec.fit_encode`): what training on a large corpus does first."""
+    sources, targets = columns(pairs)
+    src_unk, tgt_unk = Counter(), Counter()
+    src, *src_ids = TextCodec.fit_encode(cfg.source_tokenizer, sources, src_unk)
+    tgt, *tgt_ids = TextCodec.fit_encode(cfg.target_tokenizer, targets, tgt_unk)
+    return src, tgt, _checked_pairs(pairs, TokenArray.from_flat(*src_ids), TokenArray.from_flat(*tgt_ids),
+                                    src_unk, tgt_unk, cfg, what)
+
+
 def encode_pairs(pairs: list[Pair], src: TextCodec, tgt: TextCodec, cfg: DataConfig,
                  what: str = "train") -> EncodedPairs:
     """Encode pairs (in bulk, see `TextCodec.encode_many`); too-long pairs are an error unless
@@ -140,6 +152,13 @@ def encode_pairs(pairs: list[Pair], src: TextCodec, tgt: TextCodec, cfg: DataCon
     src_unk, tgt_unk = Counter(), Counter()
     src_ids = TokenArray.from_flat(*src.encode_many(sources, src_unk))
     tgt_ids = TokenArray.from_flat(*tgt.encode_many(targets, tgt_unk))
+    return _checked_pairs(pairs, src_ids, tgt_ids, src_unk, tgt_unk, cfg, what)
+
+
+def _checked_pairs(pairs, src_ids: TokenArray, tgt_ids: TokenArray, src_unk: Counter, tgt_unk: Counter,
+                   cfg: DataConfig, what: str) -> EncodedPairs:
+    """The encoded pairs after the length limits (an error, or skipped with data.skip_invalid), with
+    a warning for unknown symbols."""
     too_long = (src_ids.lengths() > cfg.max_source_len) | (tgt_ids.lengths() + 1 > cfg.max_target_len)
     if too_long.any():
         first = int(np.flatnonzero(too_long)[0])

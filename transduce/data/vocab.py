@@ -135,6 +135,46 @@ class CharTokenizer:
         for c, k in zip(seen.tolist(), n[seen].tolist()):
             counts[chr(c)] += k
 
+    def _keys(self, texts: list[str], table: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        """(int32 key of every symbol, int64 lengths) of cased texts, for `fit_ids`: a character's key
+        is its code point. None where the bulk path does not apply (lone surrogates)."""
+        try:
+            codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+        except UnicodeEncodeError:
+            return None
+        return codes.astype(np.int32), np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+
+    def _symbol_of(self, table: dict):
+        return chr
+
+    def fit_ids(self, texts: list[str], min_frequency: int = 1, chunk: int = 200_000):
+        """A vocabulary fitted on the texts and the texts' ids under it, in one pass over them:
+        (vocab, flat int32 ids, int64 lengths, unknown-symbol counts), exactly what `count`,
+        `Vocab.from_counts` and `ids` give; None where the bulk path does not apply."""
+        table: dict = {}
+        parts, counts = [], np.zeros(0, dtype=np.int64)
+        for k in range(0, len(texts), chunk):
+            got = self._keys(self._cased(texts[k: k + chunk]), table)
+            if got is None:
+                return None
+            n = np.bincount(got[0])
+            if len(n) > len(counts):
+                counts = np.concatenate([counts, np.zeros(len(n) - len(counts), dtype=np.int64)])
+            counts[: len(n)] += n
+            parts.append(got)
+        symbol = self._symbol_of(table)
+        seen = np.flatnonzero(counts).tolist()
+        counter = Counter({symbol(key): int(counts[key]) for key in seen})
+        vocab = Vocab.from_counts(counter, min_frequency)
+        remap = np.full(len(counts), UNK, dtype=np.int32)
+        for key in seen:
+            remap[key] = vocab.stoi.get(symbol(key), UNK)
+        unknown = Counter({s: c for s, c in counter.items() if vocab.stoi.get(s, UNK) == UNK})
+        if not parts:
+            return vocab, np.zeros(0, np.int32), np.zeros(0, np.int64), unknown
+        flat = np.concatenate([remap[keys] for keys, _ in parts])
+        return vocab, flat, np.concatenate([lengths for _, lengths in parts]), unknown
+
     def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(flat int32 ids, int64 lengths) of the texts: `vocab.encode(self.split(t))` for each, joined."""
         texts = self._cased(texts)
@@ -182,16 +222,30 @@ class WhitespaceTokenizer(CharTokenizer):
     def _count_into(self, counts: Counter, texts: list[str]) -> None:
         counts.update(" ".join(texts).split())  # the same tokens as splitting each text, in one C call
 
-    def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
-        texts = self._cased(texts)
+    def _split_joined(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """Every text's tokens (one C call) and the number in each text."""
         joined = "\n".join(texts)
-        tokens = joined.split()  # every text's tokens, in one C call
+        tokens = joined.split()
         try:
             lengths = _tokens_per_text(np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32), len(texts))
         except UnicodeEncodeError:  # lone surrogates
             lengths = None
         if lengths is None:  # one text at a time
             lengths = np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
+        return tokens, lengths
+
+    def _keys(self, texts: list[str], table: dict) -> tuple[np.ndarray, np.ndarray]:
+        # a token's key: the order in which it was first seen
+        tokens, lengths = self._split_joined(texts)
+        for t in set(tokens).difference(table):
+            table[t] = len(table)
+        return np.fromiter(map(table.__getitem__, tokens), dtype=np.int32, count=len(tokens)), lengths
+
+    def _symbol_of(self, table: dict):
+        return sorted(table, key=table.__getitem__).__getitem__
+
+    def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        tokens, lengths = self._split_joined(self._cased(texts))
         ids = np.fromiter(map(vocab.stoi.get, tokens, repeat(UNK)), dtype=np.int32, count=len(tokens))
         _count_unknown(ids, tokens.__getitem__, unknown)
         return ids, lengths
@@ -321,6 +375,22 @@ class TextCodec:
             return cls(tok, Vocab(tok.symbols()), cfg.wrap)
         tok = CharTokenizer(cfg.lowercase) if cfg.kind == "char" else WhitespaceTokenizer(cfg.lowercase)
         return cls(tok, Vocab.from_counts(tok.count(texts), cfg.min_frequency), cfg.wrap)
+
+    @classmethod
+    def fit_encode(cls, cfg: TokenizerConfig, texts: list[str], unknown: Counter | None = None
+                   ) -> tuple["TextCodec", np.ndarray, np.ndarray]:
+        """`fit` and then `encode_many` of the same texts: (codec, flat ids, lengths). Character and
+        whitespace tokenizers do both in one pass over the texts (a large corpus is read once)."""
+        if cfg.kind in ("char", "whitespace") and not cfg.wrap:
+            tok = CharTokenizer(cfg.lowercase) if cfg.kind == "char" else WhitespaceTokenizer(cfg.lowercase)
+            got = tok.fit_ids(texts, cfg.min_frequency)
+            if got is not None:
+                vocab, flat, lengths, unknown_here = got
+                if unknown is not None:
+                    unknown.update(unknown_here)
+                return cls(tok, vocab, cfg.wrap), flat, lengths
+        codec = cls.fit(cfg, texts)
+        return (codec, *codec.encode_many(texts, unknown))
 
     def encode(self, text: str, unknown: Counter | None = None) -> list[int]:
         ids = self.vocab.encode(self.tokenizer.split(text), unknown)

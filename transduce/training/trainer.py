@@ -230,17 +230,21 @@ def _prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist):
     splits = load_splits(cfg.data, task.read)
     if not splits.train:
         raise ValueError("no training pairs")
-    fitted, error = None, None
+    fitted, data, error = None, None, None
     if not resuming and ctx.is_main:
         try:
-            fitted = task.fit_codecs(cfg, splits.train)
+            if hasattr(task, "fit_and_encode"):  # one pass over a large corpus
+                *fitted, data = task.fit_and_encode(cfg, splits.train)
+            else:
+                fitted = task.fit_codecs(cfg, splits.train)
             atomic_write_text(run_dir / "source_codec.json", fitted[0].dumps())
             atomic_write_text(run_dir / "target_codec.json", fitted[1].dumps())
         except Exception as e:
             error = e
     ctx.raise_if_any(error)
     src, tgt = fitted or load_codecs(run_dir)
-    data = task.encode(splits.train, src, tgt, cfg, "train")
+    if data is None:
+        data = task.encode(splits.train, src, tgt, cfg, "train")
     splits.train = []  # encoded: the texts are not needed any more (a large corpus frees its memory)
     return splits, src, tgt, data
 
