@@ -8,8 +8,9 @@ file is as varied as real data of that size and nothing is deduplicated),
 then runs `transduce train` on it with the G2P recipe's model for STEPS
 steps and samples the process's resident memory every 0.2 s. Prints one
 table: file size, seconds from launch to the first logged step, peak RSS
-up to the first step and over the whole run, and RSS at the last step
-(flat memory: the last two close). Needs psutil (the `bench` extra).
+up to the first step and over the whole run, the lowest and highest RSS
+after the first step (it falls as the texts are freed) and at the end.
+Needs psutil (the `bench` extra).
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def main() -> None:
                          stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     proc = psutil.Process(p.pid)
     first_step_s, peak_before, peak, rss_last = None, 0, 0, 0
+    rss_train = (float("inf"), 0)  # lowest and highest RSS after the first step
     metrics = run / "metrics.jsonl"
     while p.poll() is None:
         try:
@@ -98,8 +100,9 @@ def main() -> None:
             peak_before = peak
             if metrics.exists() and '"loss"' in metrics.read_text():
                 first_step_s = time.perf_counter() - t0
-        else:
+        elif rss:  # an exiting process reads 0
             rss_last = rss
+            rss_train = (min(rss_train[0], rss), max(rss_train[1], rss))
         time.sleep(0.2)
     log_file.close()
     if p.returncode != 0:
@@ -108,9 +111,11 @@ def main() -> None:
     gib = 2 ** 30
     print(f"Data scale: {args.pairs} pairs ({data.stat().st_size / 2 ** 20:.0f} MiB TSV), {args.threads} threads, "
           f"{len(steps)} steps")
-    print("| seconds to first step | peak RSS to first step (GiB) | peak RSS (GiB) | RSS at the end (GiB) |")
-    print("|---:|---:|---:|---:|")
-    print(f"| {first_step_s:.1f} | {peak_before / gib:.2f} | {peak / gib:.2f} | {rss_last / gib:.2f} |")
+    print("| seconds to first step | peak RSS to first step (GiB) | peak RSS (GiB) | RSS while training, "
+          "lowest-highest (GiB) | RSS at the end (GiB) |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {first_step_s:.1f} | {peak_before / gib:.2f} | {peak / gib:.2f} | {rss_train[0] / gib:.2f}-"
+          f"{rss_train[1] / gib:.2f} | {rss_last / gib:.2f} |")
 
 
 if __name__ == "__main__":

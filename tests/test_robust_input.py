@@ -274,7 +274,7 @@ def test_translate_writes_one_line_per_input(monkeypatch, capsys):
     import transduce.inference as inference
 
     inputs = ["a\rb", "", "\x00", "x\u2028y", "", "last"]
-    monkeypatch.setattr(inference, "load_run", lambda path: None)
+    monkeypatch.setattr(inference, "load_run", lambda path, **kw: None)
     monkeypatch.setattr(inference, "translate", lambda run, sources, *a, **k: [[f"{s}\n{s}\r"] for s in sources])
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(inputs).encode())))
     assert cli.main(["translate", "--model", "unused"]) == 0

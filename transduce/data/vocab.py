@@ -170,10 +170,15 @@ class CharTokenizer:
         for key in seen:
             remap[key] = vocab.stoi.get(symbol(key), UNK)
         unknown = Counter({s: c for s, c in counter.items() if vocab.stoi.get(s, UNK) == UNK})
-        if not parts:
-            return vocab, np.zeros(0, np.int32), np.zeros(0, np.int64), unknown
-        flat = np.concatenate([remap[keys] for keys, _ in parts])
-        return vocab, flat, np.concatenate([lengths for _, lengths in parts]), unknown
+        lengths = np.concatenate([n for _, n in parts]) if parts else np.zeros(0, np.int64)
+        # ids written part by part into one array, each part freed once written (memory: one copy)
+        flat = np.empty(sum(len(keys) for keys, _ in parts), dtype=np.int32)
+        at = 0
+        for i, (keys, _) in enumerate(parts):
+            np.take(remap, keys, out=flat[at: at + len(keys)])
+            at += len(keys)
+            parts[i] = None
+        return vocab, flat, lengths, unknown
 
     def ids(self, texts: list[str], vocab: "Vocab", unknown: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(flat int32 ids, int64 lengths) of the texts: `vocab.encode(self.split(t))` for each, joined."""
