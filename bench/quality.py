@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--ours", required=True, help="transduce run of recipes/g2p_cmudict.yaml, same minutes")
     ap.add_argument("--out", help="where the HF model is saved (default runs/quality_hfMINUTES)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="train the HF model with this config field changed (repeatable); ours is as trained")
     ap.add_argument("--phase", choices=["all", "train", "eval"], default="all",
                     help="train: only train and save the HF model (needs only the config and vocabularies "
                          "of --ours, so it can run beside ours); eval: decode with the saved one")
@@ -118,9 +120,10 @@ def main():
         trained = json.loads((out / "training.json").read_text())
     else:
         src, tgt = load_codecs(Path(args.ours))
-        spec = SimpleNamespace(config=load_config(Path(args.ours) / "config.yaml"), source=src, target=tgt)
+        spec = SimpleNamespace(config=load_config(Path(args.ours) / "config.yaml", args.set), source=src, target=tgt)
         model, steps, tps = train_hf(spec, args.minutes, out)
-        trained = {"minutes": args.minutes, "threads": args.threads, "steps": steps, "tokens_per_s": tps}
+        trained = {"minutes": args.minutes, "threads": args.threads, "steps": steps, "tokens_per_s": tps,
+                   "set": args.set}
         (out / "training.json").write_text(json.dumps(trained))
         print(json.dumps(trained))
         if args.phase == "train":
@@ -134,7 +137,7 @@ def main():
         rows.append(("transduce", beam, M.compute(METRICS, [run.target.decode(h) for h in hyps], refs)))
         rows.append(("HF BART", beam, M.compute(METRICS, hf_decode(model, run, words, beam), refs)))
     print(f"G2P test ({len(words)} words), {args.minutes:g} minutes of training, HF on {trained['threads']} "
-          f"threads; "
+          f"threads{', with ' + ' '.join(trained['set']) if trained.get('set') else ''}; "
           f"transduce {run.state.get('step')} steps, HF {steps} steps ({tps:,.0f} tok/s)")
     print("| system | beam | WER % | PER % | WER % no stress | PER % no stress |")
     print("|---|---:|---:|---:|---:|---:|")

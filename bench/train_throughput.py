@@ -1,6 +1,8 @@
 """Training throughput: transduce vs Hugging Face BART of the same sizes, same batches, same threads.
 
-    python bench/train_throughput.py [--steps 30] [--threads 2] [--pairs 256]
+    python bench/train_throughput.py [--steps 30] [--threads 2] [--pairs 256] [--set model.d_model=256 ...]
+
+The model is recipes/g2p_cmudict.yaml's (`--config`), with `--set` overrides.
 
 Prints one table: tokens/s (source + target non-pad tokens) for each, the
 ratio, and estimated model FLOP/s as a fraction of the fp32 matmul peak
@@ -84,13 +86,15 @@ def run_hf(cfg, batches, steps, warm, vocab):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="recipes/g2p_cmudict.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, as in transduce train (repeatable)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per system")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=256, help="pairs per batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     splits = load_splits(cfg.data)
     src, tgt = fit_codecs(cfg.data, splits.train, False)
     data = encode_pairs(splits.train, src, tgt, cfg.data)

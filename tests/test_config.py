@@ -20,8 +20,8 @@ train: {lr: 0.001}
 
 
 def test_recipe_loads_and_overrides(tmp_path):
-    cfg = load_config("recipes/g2p_cmudict.yaml", ["train.lr=5e-4", "model.d_model=128", "decode.beam=3"])
-    assert cfg.train.lr == 5e-4 and cfg.model.d_model == 128 and cfg.decode.beam == 3
+    cfg = load_config("recipes/g2p_cmudict.yaml", ["train.lr=5e-4", "model.d_model=96", "decode.beam=3"])
+    assert cfg.train.lr == 5e-4 and cfg.model.d_model == 96 and cfg.decode.beam == 3
     assert isinstance(load_config(write(tmp_path, GOOD)).train.lr, float)
 
 

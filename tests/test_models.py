@@ -94,3 +94,23 @@ def test_save_load_round_trip(model_name, tmp_path):
     with torch.no_grad():
         assert not torch.equal(make_model(model_name, seed=99)(batch), model(batch))
         torch.testing.assert_close(fresh(batch), model(batch), atol=0, rtol=0)
+
+
+def test_transformer_source_keys_are_contiguous_and_layout_free():
+    """The decoder's source keys/values are stored contiguous per head (the per-step matmuls would copy
+    strided ones at every step); the logits are those of the strided projections."""
+    model = make_model("transformer-postnorm-learned")
+    batch = batch_for("transformer-postnorm-learned", b=3, seed=4)
+    with torch.no_grad():
+        memory = model.encode(batch.src, batch.src_mask)
+        state = model.init_state(memory, 1, 4)
+        assert all(t.is_contiguous() for kv in state.mem_kv for t in kv)
+        strided = model.init_state(memory, 1, 4)
+        strided.mem_kv = [layer.cross_attn.project_kv(memory.states) for layer in model.decoder]
+        assert not strided.mem_kv[0][0].is_contiguous()
+        last = torch.full((3,), 2)
+        for _ in range(3):
+            a, state = model.step(last, state)
+            b, strided = model.step(last, strided)
+            torch.testing.assert_close(a, b)
+            last = a.argmax(-1)

@@ -235,7 +235,9 @@ class Transformer(EncoderStack):
         b = memory.states.shape[0]
         c = self.config
         dh = c.d_model // c.heads
-        mem_kv = [layer.cross_attn.project_kv(memory.states) for layer in self.decoder]
+        # Contiguous (B, H, S, dh): the split heads of one projection are strided, and the per-step
+        # matmuls would copy them to fold B and H at every step.
+        mem_kv = [tuple(t.contiguous() for t in layer.cross_attn.project_kv(memory.states)) for layer in self.decoder]
         like = memory.states
         # positions are written before they are read: no need to clear them
         cache = [(like.new_empty(b * beam, c.heads, max_len, dh), like.new_empty(b * beam, c.heads, max_len, dh))
