@@ -31,7 +31,7 @@ def test_tiny_transformer_learns_toy_task(tmp_path, task, fn):
         "data": {"train": str(train_f), "dev": str(dev_f), "test": str(dev_f),
                  "source_tokenizer": {"kind": "whitespace"}, "target_tokenizer": {"kind": "whitespace"}},
         "train": {"batch_tokens": 1200, "lr": 3e-3, "warmup_steps": 50, "max_steps": 600,
-                  "eval_every": 300, "log_every": 50, "label_smoothing": 0.0, "threads": 2},
+                  "eval_every": 300, "log_every": 50, "label_smoothing": 0.0, "threads": 1},
         "decode": {"beam": 1},
         "eval": {"metrics": ["seq_acc"]},
     })
