@@ -20,6 +20,8 @@ from transduce.data.pipeline import encode_pairs, epoch_batches, fit_codecs, loa
 from transduce.models import build_model
 from transduce.training.trainer import make_optimizer, sequence_loss
 
+from hostload import Steal
+
 
 def matmul_peak(threads: int) -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -102,9 +104,11 @@ def main():
     # Exactly `pairs` pairs per batch (token budget high enough never to bind).
     batches = [b for _, b in epoch_batches(data, 10 ** 9, args.pairs, seed=0, epoch=0)]
     batches = [b for b in batches if b.src.shape[0] == args.pairs][: args.warmup + args.steps]
-    peak = matmul_peak(args.threads)
-    ours, ours_f = run_transduce(cfg, batches, args.steps, args.warmup)
-    hf, hf_f = run_hf(cfg, batches, args.steps, args.warmup, vocab=max(cfg._src_v, cfg._tgt_v))
+    with Steal() as steal:
+        peak = matmul_peak(args.threads)
+        ours, ours_f = run_transduce(cfg, batches, args.steps, args.warmup)
+        hf, hf_f = run_hf(cfg, batches, args.steps, args.warmup, vocab=max(cfg._src_v, cfg._tgt_v))
+    print(steal.report())
     print(f"fp32 matmul peak (2048^3, {args.threads} threads): {peak / 1e9:.0f} GFLOP/s")
     print(f"| system | tokens/s | model GFLOP/s | of peak |")
     print(f"|---|---:|---:|---:|")

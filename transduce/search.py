@@ -117,10 +117,11 @@ def _one_path(model, src, src_mask, max_len_a, max_len_b, length_penalty, pick) 
         best[at_max] = EOS
         logprob = logprob + logp.gather(1, best[:, None])[:, 0]
         done = (best == EOS) & live
-        for r in done.nonzero()[:, 0].tolist():
+        rows = done.nonzero()[:, 0]
+        if rows.numel():  # as Python lists once, not an indexing op per row
             n = tokens.shape[1] + 1
-            lp = float(logprob[r])
-            out[int(alive[r])] = [Hypothesis(tokens[r].tolist(), lp, lp / n ** length_penalty)]
+            for src_i, toks, lp in zip(alive[rows].tolist(), tokens[rows].tolist(), logprob[rows].tolist()):
+                out[src_i] = [Hypothesis(toks, lp, lp / n ** length_penalty)]
         tokens = torch.cat([tokens, best[:, None]], 1)
         live &= ~done
         n_live = int(live.sum())
@@ -160,8 +161,8 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
     hist = torch.zeros(b, k, 0, dtype=torch.long)
     last = torch.full((b * k,), BOS, dtype=torch.long)
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
-    n_finished = torch.zeros(b, dtype=torch.long)       # per source
-    nth_score = torch.full((b,), float("-inf"))         # score of its nbest-th finished hypothesis
+    n_finished = [0] * b                         # per source
+    nth_score = [float("-inf")] * b              # score of its nbest-th finished hypothesis
     for t in range(steps):
         logits, state = model.step(last, state)
         n_rows = alive.numel()
@@ -202,8 +203,8 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
         hist = torch.cat([hist.gather(1, new_beam[:, :, None].expand(-1, -1, t)), new_tok[:, :, None]], 2)
         # Which sources are done?
         bound = scores[:, 0] / (length + 1) ** length_penalty  # best alive, ending next step
-        count = n_finished[alive]
-        done = ~torch.isfinite(scores[:, 0]) | (count >= k) | ((count >= nbest) & (bound <= nth_score[alive]))
+        count, nth = torch.tensor(n_finished)[alive], torch.tensor(nth_score)[alive]
+        done = ~torch.isfinite(scores[:, 0]) | (count >= k) | ((count >= nbest) & (bound <= nth))
         live &= ~done
         n_live = int(live.sum())
         if n_live == 0:
