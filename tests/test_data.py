@@ -9,9 +9,10 @@ import pytest
 from transduce.config import DataConfig, TokenizerConfig
 from transduce.data.cmudict import load_cmudict, split_of
 from transduce.config import CmudictConfig
-from transduce.data.pipeline import encode_pairs, epoch_batches, group_references, load_splits, token_budget_batches
+from transduce.data.pipeline import (TokenArray, encode_pairs, epoch_batches, group_references, load_splits,
+                                     token_budget_batches)
 from transduce.data.readers import DataError, read_aligned, read_jsonl, read_pairs, read_tsv
-from transduce.data.vocab import EOS, PAD, UNK, TextCodec
+from transduce.data.vocab import BOS, EOS, PAD, UNK, TextCodec
 
 
 def write(path, data: bytes):
@@ -136,6 +137,18 @@ def test_vectorised_batching_follows_the_greedy_rule(seed):
     budget, pairs = int(rng.integers(1, 500)), int(rng.integers(1, 40))
     assert token_budget_batches(src_len, tgt_len, budget, pairs, seed) == \
         greedy_batches(src_len, tgt_len, budget, pairs, seed)
+
+
+def test_padded_gathers_sequences_with_markers():
+    seqs = [[5, 6, 7], [], [8], [9, 10, 11, 12]]
+    ta = TokenArray(seqs)
+    # rows in the requested order (repeats allowed), right-padded; markers around each sequence
+    assert ta.padded([3, 0, 1, 3]).tolist() == [[9, 10, 11, 12], [5, 6, 7, PAD], [PAD] * 4, [9, 10, 11, 12]]
+    assert ta.padded([2, 1], prefix=BOS).tolist() == [[BOS, 8], [BOS, PAD]]
+    assert ta.padded([1, 0], suffix=EOS).tolist() == [[EOS, PAD, PAD, PAD], [5, 6, 7, EOS]]
+    assert ta.padded([0, 2], value=-1, prefix=BOS, suffix=EOS).tolist() == [[BOS, 5, 6, 7, EOS],
+                                                                          [BOS, 8, EOS, -1, -1]]
+    assert ta.padded([]).shape == (0, 0)
 
 
 def test_batches_and_masks(tmp_path):

@@ -110,6 +110,25 @@ class TokenArray:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.flat[self.offsets[i]: self.offsets[i + 1]]
 
+    def padded(self, index: list[int], value: int = PAD, prefix: int | None = None,
+               suffix: int | None = None) -> torch.Tensor:
+        """(len(index), width) int64: sequences `index`, each with `prefix` before it and `suffix`
+        after it if given, padded with `value` on the right; one vectorised gather per batch."""
+        idx = np.asarray(index, dtype=np.int64)
+        starts = self.offsets[idx]
+        lengths = self.offsets[idx + 1] - starts
+        first = int(prefix is not None)
+        width = (int(lengths.max()) if len(idx) else 0) + first + int(suffix is not None)
+        out = np.full((len(idx), width), value, dtype=np.int64)
+        col = np.arange(width)[None, :] - first         # position within each sequence
+        real = (col >= 0) & (col < lengths[:, None])
+        out[real] = self.flat[(starts[:, None] + col)[real]]
+        if prefix is not None:
+            out[:, 0] = prefix
+        if suffix is not None:
+            out[np.arange(len(idx)), first + lengths] = suffix
+        return torch.from_numpy(out)
+
 
 @dataclass
 class EncodedPairs:
@@ -119,12 +138,8 @@ class EncodedPairs:
     def collate(self, index: list[int], key=None) -> "Batch":
         """The padded batch of examples `index`; tasks with other batches subclass this
         (transduce/tasks.py). `key` seeds whatever a task draws at random per batch."""
-        srcs = [self.src[i] for i in index]
-        tgts = [self.tgt[i] for i in index]
-        src = pad(srcs)
-        tgt_in = pad([np.concatenate(([BOS], t)) for t in tgts])
-        labels = pad([np.concatenate((t, [EOS])) for t in tgts])
-        return Batch(src, src != PAD, tgt_in, labels)
+        src = self.src.padded(index)
+        return Batch(src, src != PAD, self.tgt.padded(index, prefix=BOS), self.tgt.padded(index, suffix=EOS))
 
     def epoch_pool(self, seed: int, epoch: int) -> np.ndarray | None:
         """Indices of the examples of one epoch (they may repeat); None: every example once.
