@@ -31,7 +31,7 @@ def test_recipe_loads_and_overrides(tmp_path):
     (GOOD.replace("d_model: 64", "d_model: 6.5"), "model.d_model: expected an integer"),
     (GOOD.replace("family: transformer", "family: rnnn"), "'model.family': invalid choice 'rnnn'; valid choices: transformer"),
     (GOOD.replace("{dataset: cmudict}", "{dataset: wiki}"), "data.dataset: 'wiki' is not"),
-    (GOOD.replace("{lr: 0.001}", "{schedule: linear}"), "valid choices: 'inverse_sqrt', 'cosine', 'constant'"),
+    (GOOD.replace("{lr: 0.001}", "{schedule: step}"), "valid choices: 'inverse_sqrt', 'cosine', 'linear', 'constant'"),
     (GOOD.replace("heads: 4", "heads: 5"), "d_model=64 must be divisible by heads=5"),
     (GOOD + "extra: {a: 1}\n", "extra: unknown key"),
     (GOOD + "eval: {metrics: [wer, bogus]}\n", "invalid choice 'bogus'"),

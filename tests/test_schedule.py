@@ -1,7 +1,9 @@
-"""Learning-rate schedules: the pure function, and cosine decay over a time budget."""
+"""Learning-rate schedules: the pure function, and decay over a time budget."""
 from __future__ import annotations
 
 import math
+
+import pytest
 
 from toyrun import records, toy_config, toy_data
 from transduce.checkpoint import checkpoint_dir, read_checkpoint
@@ -20,12 +22,13 @@ def test_schedules_warm_up_then_decay():
     assert math.isclose(lr_at(59, cos, total_steps=210), 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
-def test_cosine_over_a_time_budget_decays_with_the_clock(tmp_path):
-    """With max_minutes and no max_steps, the cosine decay starts at the end of warmup (saved in the
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_over_a_time_budget_follows_the_clock(tmp_path, schedule):
+    """With max_minutes and no max_steps, the decay starts at the end of warmup (saved in the
     checkpoint) and follows the share of the time budget used, so it ends with the budget whatever
     the speed: the learning rate only goes down, and is near the floor by the last update."""
     data = toy_data(tmp_path)
-    cfg = toy_config(data, max_steps=0, max_minutes=0.05, schedule="cosine", warmup_steps=5, save_every=0,
+    cfg = toy_config(data, max_steps=0, max_minutes=0.05, schedule=schedule, warmup_steps=5, save_every=0,
                      deterministic=False)
     state = train(cfg, tmp_path / "run", progress=False)
     start = state["decay_start_s"]
@@ -36,6 +39,15 @@ def test_cosine_over_a_time_budget_decays_with_the_clock(tmp_path):
     assert lrs[-1] < 0.3e-3                                       # near the end of the decay by the end
     saved = read_checkpoint(checkpoint_dir(tmp_path / "run", "last"))[0]
     assert saved["decay_start_s"] == start
+
+
+def test_linear_decays_to_the_floor_in_a_straight_line():
+    lin = TrainConfig(lr=1e-3, warmup_steps=10, schedule="linear", max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(9, lin) == 1e-3                                  # the peak at the last warmup update
+    assert math.isclose(lr_at(34, lin), 1e-4 + 9e-4 * 0.75)        # a quarter of the way down
+    assert math.isclose(lr_at(59, lin), 1e-4 + 9e-4 * 0.5)
+    assert math.isclose(lr_at(109, lin), 1e-4) and math.isclose(lr_at(500, lin), 1e-4)
+    assert math.isclose(lr_at(50, lin, progress=0.25), 1e-4 + 9e-4 * 0.75)
 
 
 def test_cosine_progress_overrides_the_step_count():

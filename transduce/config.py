@@ -159,6 +159,10 @@ class DataConfig:
             raise ValueError("format 'text' takes one plain-text file per split, not 'src_file|tgt_file'")
 
 
+# Schedules that decay to a floor over a planned number of updates or a time budget.
+DECAYS = ("cosine", "linear")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 1                    # seeds init, dropout and data order
@@ -170,11 +174,11 @@ class TrainConfig:
     max_epochs: int = 0              # stop after this many passes over the data (0 = no limit)
     max_minutes: float = 0.0         # wall-clock budget for training (0 = no limit)
     lr: float = 1e-3                 # peak learning rate after warmup
-    # cosine decays to max_steps; with max_minutes alone, over the updates the time allows,
-    # estimated from the speed of the warmup updates
-    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    # cosine and linear decay to max_steps; with max_minutes alone, from the end of warmup to
+    # the end of the time budget, by the clock
+    schedule: Literal["inverse_sqrt", "cosine", "linear", "constant"] = "inverse_sqrt"
     warmup_steps: int = 1000         # linear warmup from 0 to lr
-    min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.0        # cosine/linear floor as a fraction of lr
     weight_decay: float = 0.01       # AdamW decoupled weight decay (not on norms/biases)
     beta1: float = 0.9
     beta2: float = 0.98
@@ -194,9 +198,9 @@ class TrainConfig:
     device: Literal["cpu", "cuda"] = "cpu"  # where to train; cuda under torchrun: one GPU per process, nccl
 
     def validate(self) -> None:
-        if self.schedule == "cosine" and self.max_steps <= 0 and self.max_minutes <= 0:
-            raise ValueError("schedule 'cosine' needs max_steps > 0 (it decays to max_steps) or max_minutes > 0 "
-                             "(it decays from the end of warmup to the end of the time, by the clock)")
+        if self.schedule in DECAYS and self.max_steps <= 0 and self.max_minutes <= 0:
+            raise ValueError(f"schedule '{self.schedule}' needs max_steps > 0 (it decays to max_steps) or "
+                             "max_minutes > 0 (it decays from the end of warmup to the end of the time, by the clock)")
         if self.batch_tokens <= 0 or self.max_batch_pairs <= 0 or self.accum_steps <= 0:
             raise ValueError("batch_tokens, max_batch_pairs and accum_steps must be positive")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -10,8 +10,9 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None, progress:
     """Learning rate for update `step` (0-based): linear warmup, then decay.
 
     inverse_sqrt: lr * sqrt(warmup / step) after warmup.
-    cosine: from lr down to lr * min_lr_ratio at `total_steps` (needs max_steps), or along
-    `progress` (0..1, e.g. the share of a time budget used since warmup) when given.
+    cosine, linear: from lr down to lr * min_lr_ratio at `total_steps` (needs max_steps), or along
+    `progress` (0..1, e.g. the share of a time budget used since warmup) when given; half a cosine
+    wave, or a straight line (decay to zero at the end of the budget).
     """
     warm = max(1, cfg.warmup_steps)
     s = step + 1
@@ -26,4 +27,5 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None, progress:
         progress = (s - warm) / (total - warm)
     progress = min(1.0, max(0.0, progress))
     floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    left = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (cfg.lr - floor) * left

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transduce.checkpoint import (CheckpointError, RunDirWriteError, checkpoint_dir, load_model_tensors,
                                   load_tensors, optimizer_join, read_checkpoint, read_json, rng_state,
                                   save_checkpoint, set_rng_state)
-from transduce.config import Config, config_from_dict, load_config, save_config
+from transduce.config import DECAYS, Config, config_from_dict, load_config, save_config
 from transduce.data.pipeline import (Batch, collate, epoch_plan, group_references,
                                      load_splits, shuffled)
 from transduce.data.vocab import PAD
@@ -388,14 +388,14 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         return bool(tc.max_minutes) and time.monotonic() - start_time >= tc.max_minutes * 60
 
     def total_steps() -> int | None:
-        """Updates a cosine schedule decays over: train.max_steps (or the number planned by a run
-        saved before time budgets decayed by the clock, rescaled if train.max_minutes changed)."""
+        """Updates a cosine or linear schedule decays over: train.max_steps (or the number planned by
+        a run saved before time budgets decayed by the clock, rescaled if train.max_minutes changed)."""
         if tc.max_steps or "planned_steps" not in state:
             return tc.max_steps or None
         return max(1, round(state["planned_steps"] * tc.max_minutes / state["planned_minutes"]))
 
     def time_progress(clock: float) -> float | None:
-        """For a cosine schedule over a time budget alone: the share of the budget after warmup used
+        """For a decaying schedule over a time budget alone: the share of the budget after warmup used
         by `clock` (seconds of the run, the mean over ranks), so the decay ends with the budget even
         when the speed changes (evaluations included)."""
         if not time_planned or "decay_start_s" not in state:
@@ -403,7 +403,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         start = state["decay_start_s"]
         return (clock - start) / max(1e-9, tc.max_minutes * 60 - start)
 
-    time_planned = tc.schedule == "cosine" and not tc.max_steps
+    time_planned = tc.schedule in DECAYS and not tc.max_steps
     late = bool(tc.max_minutes) and state["elapsed_s"] >= tc.max_minutes * 60
     stop_reason = out_of_budget(late)
     model.train()
@@ -463,8 +463,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             if time_planned and state["step"] == max(1, tc.warmup_steps) and "decay_start_s" not in state \
                     and "planned_steps" not in state:
                 state["decay_start_s"] = clock
-                log.info("cosine schedule: decays from %.0f s to the end of train.max_minutes=%g", clock,
-                         tc.max_minutes)
+                log.info("%s schedule: decays from %.0f s to the end of train.max_minutes=%g", tc.schedule,
+                         clock, tc.max_minutes)
             state["tokens"] += int(step_tokens)
             window_tokens += int(step_tokens)
             window_loss += loss_sum
