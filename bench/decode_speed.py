@@ -23,8 +23,7 @@ from transduce.data.pipeline import group_references, load_splits
 from transduce.export.ctranslate2 import CT2Translator, export
 from transduce.inference import decode, load_run
 from transduce import metrics as M
-
-from hostload import Steal
+from transduce.hoststeal import Steal
 
 
 def timed(fn):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from transduce import hoststeal
 from transduce.checkpoint import (CheckpointError, RunDirWriteError, checkpoint_dir, load_model_tensors,
                                   load_tensors, optimizer_join, read_checkpoint, read_json, rng_state,
                                   save_checkpoint, set_rng_state)
@@ -371,6 +372,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
                dynamic_ncols=True, file=sys.stderr)
     start_time = time.monotonic() - state["elapsed_s"]
     window_tokens, window_start, window_loss, window_n = 0, time.monotonic(), 0.0, 0
+    window_cpu = hoststeal.cpu_times()
     # Each optimizer update takes `per_update` consecutive batches of the epoch's global plan;
     # rank r computes batches r, r + N, r + 2N, ... of them (N processes).
     per_update = tc.accum_steps * ctx.world
@@ -476,12 +478,18 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
                        "loss_exact": window_loss / window_n, "lr": lr, "grad_norm": round(grad_norm, 4),
                        "tokens_per_s": round(window_tokens / max(1e-9, now - window_start), 1),
                        "elapsed_s": round(now - start_time, 1)}
+                # On a shared VM, the share of CPU time the host gave to others explains slow spells.
+                cpu = hoststeal.cpu_times()
+                steal = hoststeal.steal_share(window_cpu, cpu)
+                window_cpu = cpu
+                if steal is not None:
+                    rec["cpu_steal"] = round(steal, 3)
                 metrics_log.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 lr=f"{lr:.2e}", left=_left(tc, now - start_time))
                 if not show:
-                    log.info("step %d loss %.4f lr %.2e %.0f tok/s", rec["step"], rec["loss"], lr,
-                             rec["tokens_per_s"])
+                    log.info("step %d loss %.4f lr %.2e %.0f tok/s%s", rec["step"], rec["loss"], lr,
+                             rec["tokens_per_s"], f" (host steal {steal:.0%})" if steal and steal >= 0.05 else "")
                 window_tokens, window_start, window_loss, window_n = 0, now, 0.0, 0
             stop_reason = out_of_budget(late)
             if tc.eval_every and state["step"] % tc.eval_every == 0 and stop_reason is None:
