@@ -21,9 +21,9 @@ import torch
 
 from transduce.data.pipeline import group_references, load_splits
 from transduce.export.ctranslate2 import CT2Translator, export
+from transduce.hoststeal import Steal
 from transduce.inference import decode, load_run
 from transduce import metrics as M
-from transduce.hoststeal import Steal
 
 
 def timed(fn):

@@ -17,9 +17,9 @@ import torch
 
 from transduce.config import load_config
 from transduce.data.pipeline import encode_pairs, epoch_batches, fit_codecs, load_splits
+from transduce.hoststeal import Steal
 from transduce.models import build_model
 from transduce.training.trainer import make_optimizer, sequence_loss
-from transduce.hoststeal import Steal
 
 
 def matmul_peak(threads: int) -> float:

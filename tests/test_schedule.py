@@ -35,8 +35,9 @@ def test_decay_over_a_time_budget_follows_the_clock(tmp_path, schedule):
     start = state["decay_start_s"]
     assert 0 < start < 3.0
     logged = [r for r in records(tmp_path / "run") if "lr" in r]
-    if os.path.exists("/proc/stat"):  # the host's steal share rides along with tokens/s (Linux)
-        assert all(0.0 <= r["cpu_steal"] <= 1.0 for r in logged)
+    if os.path.exists("/proc/stat"):  # the host's steal share rides along with tokens/s (Linux),
+        steal = [r["cpu_steal"] for r in logged if "cpu_steal" in r]  # where a clock tick passed
+        assert steal and all(0.0 <= x <= 1.0 for x in steal)
     lrs = [r["lr"] for r in logged]
     assert lrs[4] == max(lrs) == 3e-3                             # the peak at the last warmup update
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))          # then it only goes down

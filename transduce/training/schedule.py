@@ -11,8 +11,8 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None, progress:
 
     inverse_sqrt: lr * sqrt(warmup / step) after warmup.
     cosine, linear: from lr down to lr * min_lr_ratio at `total_steps` (needs max_steps), or along
-    `progress` (0..1, e.g. the share of a time budget used since warmup) when given; half a cosine
-    wave, or a straight line (decay to zero at the end of the budget).
+    `progress` (0..1, e.g. the share of a time budget used since warmup) when given: along half a
+    cosine wave, or in a straight line.
     """
     warm = max(1, cfg.warmup_steps)
     s = step + 1
