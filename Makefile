@@ -16,6 +16,7 @@ $(BIN)/activate:
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,plot]"
+	$(BIN)/python -m transduce.kernels
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transduce import kernels
+
 
 def sinusoidal_table(n: int, d: int) -> torch.Tensor:
     """(n, d) fixed sinusoidal position encodings (Vaswani et al. 2017)."""
@@ -125,9 +127,32 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return self.split(q), self.split(k), self.split(v)
 
-    def attend(self, q, k, v, mask=None, causal=False, weights: list | None = None) -> torch.Tensor:
-        """q (B, H, Tq, dh), k/v (B, H, Tk, dh), mask broadcastable to (B, H, Tq, Tk), True = attend."""
+    def attend(self, q, k, v, mask=None, causal=False, weights: list | None = None, group: int = 1) -> torch.Tensor:
+        """q (N, H, Tq, dh), k/v (M, H, Tk, dh) with N = M * group: query row n reads memory row
+        n // group (the beams of a source share its memory, never copied). mask broadcastable to
+        (M, H, Tq, Tk), True = attend. Returns (N, H, Tq, dh).
+
+        Inference (no dropout, no gradient, no weights asked for) runs the fused CPU kernel
+        (transduce/kernels) where it applies.
+        """
         p = self.dropout if self.training else 0.0
+        if p == 0.0 and weights is None:
+            out = kernels.attend(q, k, v, mask, group, causal, self.dh ** -0.5)
+            if out is not None:
+                return out
+        n, h, tq, dh = q.shape
+        m = n // group
+        if group > 1:  # fold the group into the query axis: (M, H, group * Tq, dh)
+            q = q.view(m, group, h, tq, dh).transpose(1, 2).reshape(m, h, group * tq, dh)
+        out = self._attend(q, k, v, mask, causal, weights, p)
+        if group > 1:
+            out = out.view(m, h, group, tq, dh).transpose(1, 2).reshape(n, h, tq, dh)
+            if weights is not None:
+                s = weights[-1].shape[-1]
+                weights[-1] = weights[-1].view(m, h, group, tq, s).transpose(1, 2).reshape(n, h, tq, s)
+        return out
+
+    def _attend(self, q, k, v, mask, causal, weights, p) -> torch.Tensor:
         if weights is not None:
             # Explicit softmax so the weights can be returned (attention inspection only).
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
@@ -141,7 +166,7 @@ class Attention(nn.Module):
             return probs @ v
         if not self.training and not causal and q.shape[-2] <= DECODE_QUERIES:
             # A decoding step (a query or a few per row against short keys): plain matmuls beat the
-            # fused kernel's per-row set-up here (about 2x at 200 rows, 1.3x at 1,000).
+            # SDPA kernel's per-row set-up here (about 2x at 200 rows, 1.3x at 1,000).
             scores = (q @ k.transpose(-1, -2)).mul_(self.dh ** -0.5)
             if mask is not None:
                 scores.masked_fill_(~mask, float("-inf"))

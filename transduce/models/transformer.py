@@ -100,24 +100,6 @@ class EncoderLayer(nn.Module):
         return self.r2(x, self.ff)
 
 
-def cross_attend(attn: Attention, q, k, v, mask, beam: int, weights: list | None):
-    """q (B*beam, H, Tq, dh) against memory k/v (B, H, S, dh) without copying memory per beam.
-
-    The beams of one source are folded into the query axis: (B, H, beam*Tq, dh).
-    """
-    n, h, tq, dh = q.shape
-    b = n // beam
-    if beam > 1:
-        q = q.view(b, beam, h, tq, dh).permute(0, 2, 1, 3, 4).reshape(b, h, beam * tq, dh)
-    out = attn.attend(q, k, v, mask, weights=weights)
-    if beam > 1:
-        out = out.view(b, h, beam, tq, dh).permute(0, 2, 1, 3, 4).reshape(n, h, tq, dh)
-        if weights is not None:
-            s = weights[-1].shape[-1]
-            weights[-1] = weights[-1].view(b, h, beam, tq, s).permute(0, 2, 1, 3, 4).reshape(n, h, tq, s)
-    return out
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, c: TransformerConfig):
         super().__init__()
@@ -146,9 +128,9 @@ class DecoderLayer(nn.Module):
             return a.out(a.merge(o))
 
         def cross_attention(h):
-            q = self.cross_attn.split(self.cross_attn.q(h))
-            o = cross_attend(self.cross_attn, q, mem_k, mem_v, src_mask, beam, weights)
-            return self.cross_attn.out(self.cross_attn.merge(o))
+            c = self.cross_attn
+            o = c.attend(c.split(c.q(h)), mem_k, mem_v, src_mask, weights=weights, group=beam)
+            return c.out(c.merge(o))
 
         x = self.r1(x, self_attention)
         x = self.r2(x, cross_attention)

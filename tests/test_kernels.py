@@ -1,0 +1,131 @@
+"""The fused CPU attention kernel (transduce/kernels) against PyTorch's attention."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transduce import kernels
+from transduce.models.layers import Attention
+
+
+def reference(q, k, v, mask, group, causal):
+    """Plain PyTorch: q (N, H, Tq, dh), k/v (M, H, Tk, dh), N = M * group, mask (M, 1, 1, Tk)."""
+    n, h, tq, dh = q.shape
+    k = k.repeat_interleave(group, 0)
+    v = v.repeat_interleave(group, 0)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+    tk = k.shape[2]
+    if causal:
+        scores = scores.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.repeat_interleave(group, 0), float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)  # a query with no key left attends to nothing
+    return probs @ v
+
+
+def random_mask(m, tk, g):
+    mask = torch.rand(m, 1, 1, tk, generator=g) > 0.3
+    mask[..., 0] = True
+    return mask
+
+
+def test_kernel_builds_here():
+    # g++ and ninja are part of the machine's set-up; a missing build would quietly slow decoding
+    assert kernels.ops() is not None
+
+
+@pytest.mark.parametrize("dh", [32, 64, 24])
+@pytest.mark.parametrize("group", [1, 5])
+def test_one_query_per_row_matches(dh, group):
+    g = torch.Generator().manual_seed(dh + group)
+    m, h, tk = 7, 3, 11
+    q = torch.randn(m * group, h, 1, dh, generator=g)
+    k, v = torch.randn(2, m, h, tk, dh, generator=g)
+    mask = random_mask(m, tk, g)
+    out = kernels.attend(q, k, v, mask, group, False, dh ** -0.5)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, reference(q, k, v, mask, group, False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_queries_strided_inputs_match(causal):
+    # q, k, v as the projections hand them over: strided views of one (B, T, 3 * D) tensor
+    g = torch.Generator().manual_seed(1)
+    b, t, h, dh = 4, 9, 4, 16
+    qkv = torch.randn(b, t, 3 * h * dh, generator=g)
+    q, k, v = (x.view(b, t, h, dh).transpose(1, 2) for x in qkv.chunk(3, -1))
+    assert not q.is_contiguous()
+    mask = None if causal else random_mask(b, t, g)
+    out = kernels.attend(q, k, v, mask, 1, causal, dh ** -0.5)
+    torch.testing.assert_close(out, reference(q, k, v, mask, 1, causal), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_with_fewer_queries_than_keys_sees_the_earlier_keys():
+    # a cached prefix of 6 positions and 3 new ones: query i sees keys 0 .. 6 + i
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 3, 8, generator=g)
+    k, v = torch.randn(2, 2, 2, 9, 8, generator=g)
+    out = kernels.attend(q, k, v, None, 1, True, 8 ** -0.5)
+    torch.testing.assert_close(out, reference(q, k, v, None, 1, True), rtol=1e-5, atol=1e-5)
+
+
+def test_query_with_every_key_masked_gets_zeros():
+    q = torch.randn(2, 2, 1, 8)
+    k = torch.randn(2, 2, 4, 8)
+    mask = torch.ones(2, 1, 1, 4, dtype=torch.bool)
+    mask[1] = False
+    out = kernels.attend(q, k, k, mask, 1, False, 0.5)
+    assert torch.isfinite(out).all() and (out[1] == 0).all() and (out[0] != 0).any()
+
+
+def test_declines_what_it_does_not_do():
+    q = torch.randn(2, 2, 3, 8)
+    k = torch.randn(2, 2, 3, 8)
+    assert kernels.attend(q.requires_grad_(), k, k, None, 1, False, 1.0) is None     # autograd
+    q = q.detach()
+    assert kernels.attend(q.double(), k.double(), k.double(), None, 1, False, 1.0) is None
+    per_query = torch.ones(2, 1, 3, 3, dtype=torch.bool)                             # not key padding
+    assert kernels.attend(q, k, k, per_query, 1, False, 1.0) is None
+    assert kernels.attend(q, k, k, None, 1, False, 1.0) is not None
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_attention_module_same_with_and_without_kernel(monkeypatch, group):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 0.1, cross=True).eval()
+    m, tk = 5, 7
+    q = torch.randn(m * group, 4, 1, 8)
+    k, v = torch.randn(2, m, 4, tk, 8)
+    mask = random_mask(m, tk, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fast = attn.attend(q, k, v, mask, group=group)
+        monkeypatch.setitem(kernels._state, "ops", None)   # as on a machine where the build failed
+        slow = attn.attend(q, k, v, mask, group=group)
+        weights = []
+        shown = attn.attend(q, k, v, mask, weights=weights, group=group)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shown, slow, rtol=1e-5, atol=1e-5)
+    assert weights[0].shape == (m * group, 4, 1, tk)
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(m * group, 4, 1))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("TRANSDUCE_KERNELS", "0")
+    monkeypatch.delitem(kernels._state, "ops", raising=False)
+    assert kernels.ops() is None
+    q = torch.randn(1, 1, 1, 4)
+    assert kernels.attend(q, q, q, None, 1, False, 1.0) is None
+    monkeypatch.delitem(kernels._state, "ops", raising=False)  # the next test loads it again
+
+
+def test_training_path_unchanged_by_kernel():
+    # dropout on: the kernel is not used, and gradients flow through PyTorch's attention
+    attn = Attention(16, 2, 0.5, cross=False).train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    q, k, v = attn.project_qkv(x)
+    out = attn.attend(q, k, v, causal=True)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    assert out.shape == ref.shape

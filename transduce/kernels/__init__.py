@@ -1,0 +1,123 @@
+"""CPU kernels for inference, compiled on first use and cached per machine.
+
+`attention.cpp` does a whole attention (scores, softmax, weighted values,
+merged heads) in one pass per (row, head, query): a decoding step's
+attention is a few dozen keys per query, where PyTorch's batched matmuls
+spend most of their time setting up tiny products. The kernel is built with
+PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
+`$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
+naming the source, the PyTorch version and the CPU. `make install` builds it
+(`python -m transduce.kernels`); without a compiler, or with
+`TRANSDUCE_KERNELS=0`, inference uses PyTorch's ops and says so once.
+Training never uses it (no backward).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("transduce")
+
+SOURCE = Path(__file__).with_name("attention.cpp")
+NAME = "transduce_kernels"
+# -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+LDFLAGS = ["-fopenmp"]
+
+_state: dict = {}  # "ops": the loaded op namespace or None once tried
+
+
+def enabled() -> bool:
+    return os.environ.get("TRANSDUCE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    """Where this machine's build lives: one folder per source, PyTorch version, flags and CPU."""
+    root = Path(os.environ.get("TRANSDUCE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                           Path.home() / ".cache") / "transduce")
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CFLAGS).encode(), _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return root / "kernels" / h.hexdigest()[:16]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (if not yet built here) and load the kernels; returns the shared library's path."""
+    out = build_dir()
+    lib = out / f"{NAME}.so"
+    if not lib.exists():
+        from torch.utils.cpp_extension import load
+
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("compiling transduce's CPU kernels into %s (once per machine, ~15 s)", out)
+        t = time.perf_counter()
+        load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
+             is_python_module=False, verbose=verbose)
+        log.info("kernels compiled in %.0f s", time.perf_counter() - t)
+    else:
+        torch.ops.load_library(str(lib))
+    return lib
+
+
+def ops():
+    """`torch.ops.transduce` with the kernels loaded, or None (disabled, or the build failed)."""
+    if "ops" not in _state:
+        _state["ops"] = None
+        if enabled():
+            try:
+                build()
+                _state["ops"] = torch.ops.transduce
+            except Exception as e:  # no compiler, no ninja, a read-only cache: PyTorch's ops still work
+                log.warning("transduce: CPU kernels unavailable (%s: %s); inference uses PyTorch's ops "
+                            "(set TRANSDUCE_KERNELS=0 to skip the attempt)", type(e).__name__,
+                            str(e).strip().splitlines()[-1] if str(e).strip() else "")
+    return _state["ops"]
+
+
+_NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, group: int,
+           causal: bool, scale: float) -> torch.Tensor | None:
+    """The fused kernel's attention (N, H, Tq, dh), or None where it does not apply.
+
+    q (N, H, Tq, dh); k, v (M, H, Tk, dh) with N = M * group; mask None or
+    bool (M, 1, 1, Tk), True = attend. It applies to float32 CPU tensors that
+    need no gradient; anything else (other masks, autograd, other devices)
+    is left to the caller's PyTorch path.
+    """
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    m = _NO_MASK
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) \
+                or mask.shape[0] != k.shape[0] or mask.shape[3] != k.shape[2]:
+            return None
+        m = mask[:, 0, 0, :]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    o = ops()
+    if o is None:
+        return None
+    n, h, tq, dh = q.shape
+    return o.attend(q, k, v, m, group, causal, scale).view(n, tq, h, dh).transpose(1, 2)
