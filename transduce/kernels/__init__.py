@@ -1,15 +1,15 @@
 """CPU kernels for inference, compiled on first use and cached per machine.
 
 `attention.cpp` does a whole attention (scores, softmax, weighted values,
-merged heads) in one pass per (row, head, query): a decoding step's
-attention is a few dozen keys per query, where PyTorch's batched matmuls
-spend most of their time setting up tiny products. The kernel is built with
+merged heads) in one pass: a decoding step's attention is a few dozen keys
+per query, where PyTorch's batched matmuls spend most of their time setting
+up tiny products. Training keeps PyTorch's attention (a backward kernel of
+the same design ran no faster per training step: docs/benchmarks.md). The kernel is built with
 PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
 naming the source, the PyTorch version and the CPU. `make install` builds it
 (`python -m transduce.kernels`); without a compiler, or with
-`TRANSDUCE_KERNELS=0`, inference uses PyTorch's ops and says so once.
-Training never uses it (no backward).
+`TRANSDUCE_KERNELS=0`, attention uses PyTorch's ops (and says so once).
 """
 from __future__ import annotations
 
@@ -93,16 +93,15 @@ def ops():
 
 
 _NO_MASK = torch.empty(0, dtype=torch.bool)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, group: int,
            causal: bool, scale: float) -> torch.Tensor | None:
     """The fused kernel's attention (N, H, Tq, dh), or None where it does not apply.
 
     q (N, H, Tq, dh); k, v (M, H, Tk, dh) with N = M * group; mask None or
-    bool (M, 1, 1, Tk), True = attend. It applies to float32 CPU tensors that
-    need no gradient; anything else (other masks, autograd, other devices)
-    is left to the caller's PyTorch path.
+    bool (M, 1, 1, Tk), True = attend. It applies to float32 CPU tensors
+    that need no gradient; anything else (other masks, autograd, other
+    devices) is left to the caller's PyTorch path. No dropout: the caller
+    checks.
     """
     if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
         return None

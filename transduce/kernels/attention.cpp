@@ -3,7 +3,9 @@
 //
 // Decoding steps attend with one query per row against a few dozen keys; PyTorch does that as
 // batched matmuls of 1 x dh x T per head (about 1 us each of set-up), a scale, a mask fill, a
-// softmax and a merge copy. Here each (row, head, query) is a short loop over its keys.
+// softmax and a merge copy. Here one task takes a memory row and head: it lays the keys out transposed, dh x T, in scratch, so that the scores of a query are
+// dh vector multiply-adds across all keys at once, then serves every query that reads them (the
+// beams of a source, the positions of a sequence).
 //
 //   q      (N, H, Tq, dh)   any strides, innermost contiguous
 //   k, v   (M, H, T, dh)    any strides, innermost contiguous; rows read memory n / group
@@ -17,89 +19,157 @@
 
 #include <algorithm>
 #include <cmath>
+#include <math.h>
 #include <limits>
 #include <vector>
 
 namespace {
 
-// One (row, head, query): `s` holds at least `len` floats of scratch.
+// Built with -ffast-math (vectorised exp): no infinities anywhere. A masked key gets a bias of
+// -1e30, whose exp(score - top) is exactly 0; a query with every key masked gets zeros (as PyTorch's
+// SDPA does).
+constexpr float kMasked = -1e30f;
+
+// Keys are padded to a multiple of the vector width: the loops over keys run whole vectors (G2P
+// rows have 5-20 keys; a scalar remainder loop would be most of the work). Padded keys are zero
+// in kt and masked in bias.
+constexpr int64_t kLanes = 8;
+inline int64_t padded(int64_t tk) { return (tk + kLanes - 1) / kLanes * kLanes; }
+
+struct Scratch {
+  int64_t tkp;
+  std::vector<float> kt, bias, s;
+  explicit Scratch(int64_t tk, int64_t dh) : tkp(padded(tk)), kt(tkp * dh, 0.f), bias(tkp, kMasked), s(tkp) {}
+};
+
+// dst (dh, tkp) = src (tk, dh) rows `step` apart; columns tk.. stay zero
 template <int DH>
-inline void attend_one(const float* __restrict__ q, const float* __restrict__ k, int64_t k_step,
-                       const float* __restrict__ v, int64_t v_step, const bool* mask, int64_t mask_step,
-                       int64_t len, int64_t dh_runtime, float scale, float* __restrict__ s,
-                       float* __restrict__ out) {
+inline void transpose(const float* src, int64_t step, int64_t tk, int64_t dh_runtime, int64_t tkp,
+                      float* __restrict__ dst) {
   const int64_t dh = DH > 0 ? DH : dh_runtime;
-  // Built with -ffast-math (vectorised exp): no infinities here. A masked key scores -1e30, whose
-  // exp(score - top) is exactly 0; a query with every key masked gets zeros (as PyTorch's SDPA does).
-  float top = -std::numeric_limits<float>::max();
-  int64_t live = 0;
-  for (int64_t t = 0; t < len; ++t) {
-    if (mask != nullptr && !mask[t * mask_step]) {
-      s[t] = -1e30f;
+  for (int64_t t = 0; t < tk; ++t) {
+    const float* __restrict__ row = src + t * step;
+    for (int64_t d = 0; d < dh; ++d) dst[d * tkp + t] = row[d];
+  }
+}
+
+inline void fill_bias(const bool* mask, int64_t step, int64_t tk, float* __restrict__ bias) {
+  for (int64_t t = 0; t < tk; ++t) bias[t] = (mask == nullptr || mask[t * step]) ? 0.f : kMasked;
+}
+
+// s[0, tkp) = scale * (q . keys) + bias for keys before len, kMasked after; keys transposed
+// (dh, tkp). Returns the largest.
+template <int DH>
+inline float scores(const float* __restrict__ q, const float* __restrict__ kt, const float* __restrict__ bias,
+                    int64_t tkp, int64_t len, int64_t dh_runtime, float scale, float* __restrict__ s) {
+  const int64_t dh = DH > 0 ? DH : dh_runtime;
+  for (int64_t t = 0; t < tkp; ++t) s[t] = 0.f;
+  for (int64_t d = 0; d < dh; ++d) {
+    const float qd = q[d];
+    const float* __restrict__ row = kt + d * tkp;
+#pragma omp simd
+    for (int64_t t = 0; t < tkp; ++t) s[t] += qd * row[t];
+  }
+  float top = kMasked;
+#pragma omp simd reduction(max : top)
+  for (int64_t t = 0; t < tkp; ++t) {
+    s[t] = t < len ? s[t] * scale + bias[t] : kMasked;
+    top = std::max(top, s[t]);
+  }
+  return top;
+}
+
+// As `scores`, straight from the key rows: for a memory row read by a single query (greedy
+// decoding), where laying the keys out transposed would cost more than it saves.
+template <int DH>
+inline float direct_scores(const float* __restrict__ q, const float* __restrict__ k, int64_t k_step,
+                           const float* __restrict__ bias, int64_t tkp, int64_t len, int64_t dh_runtime,
+                           float scale, float* __restrict__ s) {
+  const int64_t dh = DH > 0 ? DH : dh_runtime;
+  float top = kMasked;
+  for (int64_t t = 0; t < tkp; ++t) {
+    if (t >= len || bias[t] != 0.f) {
+      s[t] = kMasked;
       continue;
     }
     const float* __restrict__ kt = k + t * k_step;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t d = 0; d < dh; ++d) acc += q[d] * kt[d];
-    acc *= scale;
-    s[t] = acc;
-    top = std::max(top, acc);
-    ++live;
+    s[t] = acc * scale;
+    top = std::max(top, s[t]);
   }
-  float* __restrict__ o = out;
-  for (int64_t d = 0; d < dh; ++d) o[d] = 0.f;
-  if (live == 0) return;
-  float sum = 0.f;
+  return top;
+}
+
+// One memory row and head: its `group` query rows x tq queries.
+template <int DH>
+inline void forward_unit(const float* q, int64_t q_row_step, int64_t q_step, int64_t group, int64_t tq,
+                         const float* k, int64_t k_step, const float* v, int64_t v_step, const bool* mask,
+                         int64_t mask_step, int64_t tk, bool causal, int64_t dh_runtime, float scale,
+                         Scratch& w, float* out, int64_t out_row_step, int64_t out_q_step) {
+  const int64_t dh = DH > 0 ? DH : dh_runtime;
+  const int64_t tkp = w.tkp;
+  const bool direct = group * tq == 1;
+  if (!direct) transpose<DH>(k, k_step, tk, dh, tkp, w.kt.data());
+  fill_bias(mask, mask_step, tk, w.bias.data());
+  float* __restrict__ s = w.s.data();
+  for (int64_t r = 0; r < group; ++r) {
+    for (int64_t i = 0; i < tq; ++i) {
+      const int64_t len = causal ? tk - tq + i + 1 : tk;
+      float* __restrict__ o = out + r * out_row_step + i * out_q_step;
+      const float* qi = q + r * q_row_step + i * q_step;
+      const float top = direct ? direct_scores<DH>(qi, k, k_step, w.bias.data(), tkp, len, dh, scale, s)
+                               : scores<DH>(qi, w.kt.data(), w.bias.data(), tkp, len, dh, scale, s);
+      for (int64_t d = 0; d < dh; ++d) o[d] = 0.f;
+      if (top <= 0.5f * kMasked) continue;  // no key to attend to: zeros
+      float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < len; ++t) {
-    const float e = std::exp(s[t] - top);
-    s[t] = e;
-    sum += e;
-  }
-  for (int64_t t = 0; t < len; ++t) {
-    const float w = s[t];
-    if (w == 0.f) continue;
-    const float* __restrict__ vt = v + t * v_step;
+      for (int64_t t = 0; t < tkp; ++t) {
+        s[t] = expf(s[t] - top);
+        sum += s[t];
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        const float p = s[t];
+        const float* __restrict__ vt = v + t * v_step;
 #pragma omp simd
-    for (int64_t d = 0; d < dh; ++d) o[d] += w * vt[d];
-  }
-  const float inv = 1.f / sum;
+        for (int64_t d = 0; d < dh; ++d) o[d] += p * vt[d];
+      }
+      const float inv = 1.f / sum;
 #pragma omp simd
-  for (int64_t d = 0; d < dh; ++d) o[d] *= inv;
+      for (int64_t d = 0; d < dh; ++d) o[d] *= inv;
+    }
+  }
 }
 
 template <int DH>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, int64_t group,
          bool causal, double scale, at::Tensor& out) {
-  const int64_t n = q.size(0), h = q.size(1), tq = q.size(2), dh = q.size(3), tk = k.size(2);
+  const int64_t h = q.size(1), tq = q.size(2), dh = q.size(3), tk = k.size(2), m = k.size(0);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const bool* mp = mask.numel() ? mask.data_ptr<bool>() : nullptr;
-  const int64_t ms0 = mp ? mask.stride(0) : 0, ms1 = mp ? mask.stride(1) : 0;
   float* op = out.data_ptr<float>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const float sc = static_cast<float>(scale);
-  // Enough (row, head, query) units per task that a thread's set-up is paid back.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, tk * dh));
-  at::parallel_for(0, n * h * tq, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(tk);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = i / (h * tq), head = (i / tq) % h, qi = i % tq;
-      const int64_t m = row / group;
-      const int64_t len = causal ? tk - tq + qi + 1 : tk;
-      attend_one<DH>(qp + row * qs0 + head * qs1 + qi * qs2, kp + m * ks0 + head * ks1, ks2,
-                     vp + m * vs0 + head * vs1, vs2, mp ? mp + m * ms0 : nullptr, ms1, len, dh, sc,
-                     scratch.data(), op + (row * tq + qi) * h * dh + head * dh);
+  // out (N, Tq, H * dh): row n, query i, head at n * Tq * H * dh + i * H * dh + head * dh
+  const int64_t out_q = h * dh, out_row = tq * out_q;
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, group * tq * tk * dh));
+  at::parallel_for(0, m * h, grain, [&](int64_t begin, int64_t end) {
+    Scratch w(tk, dh);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t mi = u / h, head = u % h, row = mi * group;
+      forward_unit<DH>(qp + row * q.stride(0) + head * q.stride(1), q.stride(0), q.stride(2), group, tq,
+                       kp + mi * k.stride(0) + head * k.stride(1), k.stride(2),
+                       vp + mi * v.stride(0) + head * v.stride(1), v.stride(2),
+                       mp ? mp + mi * mask.stride(0) : nullptr, mp ? mask.stride(1) : 0, tk, causal, dh, sc, w,
+                       op + row * out_row + head * dh, out_row, out_q);
     }
   });
 }
 
-at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                  int64_t group, bool causal, double scale) {
+void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, int64_t group,
+           bool causal) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attend: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "attend: float32 only");
@@ -109,14 +179,19 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "attend: k, v must match q's heads and dh");
   TORCH_CHECK(!causal || q.size(2) <= k.size(2), "attend: causal needs no more queries than keys");
+  TORCH_CHECK(k.size(2) > 0 || q.numel() == 0, "attend: no keys");
   if (mask.numel()) {
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == k.size(0) &&
                     mask.size(1) == k.size(2),
                 "attend: mask must be bool (k rows, keys)");
   }
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                  int64_t group, bool causal, double scale) {
+  check(q, k, v, mask, group, causal);
   auto out = at::empty({q.size(0), q.size(2), q.size(1) * q.size(3)}, q.options());
   if (q.numel() == 0) return out;
-  TORCH_CHECK(k.size(2) > 0, "attend: no keys");
   switch (q.size(3)) {
     case 32: run<32>(q, k, v, mask, group, causal, scale, out); break;
     case 64: run<64>(q, k, v, mask, group, causal, scale, out); break;
