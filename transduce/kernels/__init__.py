@@ -4,8 +4,9 @@
 merged heads) in one pass: a decoding step's attention is a few dozen keys
 per query, where PyTorch's batched matmuls spend most of their time setting
 up tiny products. Training keeps PyTorch's attention (a backward kernel of
-the same design ran no faster per training step: docs/benchmarks.md). The kernel is built with
-PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
+the same design ran no faster per training step: docs/benchmarks.md).
+
+The kernel is built with PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
 naming the source, the PyTorch version and the CPU. `make install` builds it
 (`python -m transduce.kernels`); without a compiler, or with
@@ -63,17 +64,20 @@ def build(verbose: bool = False) -> Path:
     """Compile (if not yet built here) and load the kernels; returns the shared library's path."""
     out = build_dir()
     lib = out / f"{NAME}.so"
-    if not lib.exists():
-        from torch.utils.cpp_extension import load
+    if lib.exists():
+        try:
+            torch.ops.load_library(str(lib))
+            return lib
+        except OSError:  # another process is still writing it: the build below waits on its lock
+            pass
+    from torch.utils.cpp_extension import load
 
-        out.mkdir(parents=True, exist_ok=True)
-        log.info("compiling transduce's CPU kernels into %s (once per machine, ~15 s)", out)
-        t = time.perf_counter()
-        load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
-             is_python_module=False, verbose=verbose)
-        log.info("kernels compiled in %.0f s", time.perf_counter() - t)
-    else:
-        torch.ops.load_library(str(lib))
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("compiling transduce's CPU kernels into %s (once per machine, ~15 s)", out)
+    t = time.perf_counter()
+    load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
+         is_python_module=False, verbose=verbose)
+    log.info("kernels compiled in %.0f s", time.perf_counter() - t)
     return lib
 
 
