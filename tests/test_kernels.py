@@ -141,3 +141,86 @@ def test_attention_dropout_keeps_pytorch_path():
     assert not torch.allclose(a, b)  # dropout drew different masks: not the (deterministic) kernel
     ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
     assert a.shape == ref.shape
+
+
+def test_self_step_writes_the_cache_and_attends_the_positions_so_far():
+    g = torch.Generator().manual_seed(4)
+    n, h, dh, tmax, t = 6, 4, 16, 9, 5
+    d = h * dh
+    ck, cv = torch.randn(2, n, h, tmax, dh, generator=g)
+    before_k, before_v = ck.clone(), cv.clone()
+    fused = torch.randn(n, 4 * d, generator=g)
+    qkv = fused[:, d:]                     # strided rows, as a slice of a wider projection
+    out = kernels.ops().self_step(qkv, ck, cv, t, dh ** -0.5)
+    q, k, v = (x.view(n, 1, h, dh).transpose(1, 2) for x in qkv.split(d, 1))
+    torch.testing.assert_close(ck[:, :, t:t + 1], k)
+    torch.testing.assert_close(cv[:, :, t:t + 1], v)
+    # only position t changed
+    keep = torch.ones(tmax, dtype=torch.bool)
+    keep[t] = False
+    assert torch.equal(ck[:, :, keep], before_k[:, :, keep]) and torch.equal(cv[:, :, keep], before_v[:, :, keep])
+    want = reference(q, ck[:, :, : t + 1], cv[:, :, : t + 1], None, 1, False)
+    torch.testing.assert_close(out, want.transpose(1, 2).reshape(n, d), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.ops().self_step(qkv, ck, cv, tmax, 1.0)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_attend_step_takes_queries_as_rows(group):
+    g = torch.Generator().manual_seed(5)
+    m, h, dh, tk = 4, 2, 8, 6
+    q2 = torch.randn(m * group, 3 * h * dh, generator=g)[:, h * dh: 2 * h * dh]  # strided rows
+    k, v = torch.randn(2, m, h, tk, dh, generator=g)
+    mask = random_mask(m, tk, g)
+    out = kernels.ops().attend_step(q2, k, v, mask[:, 0, 0], group, dh ** -0.5)
+    q = q2.reshape(m * group, 1, h, dh).transpose(1, 2)
+    want = reference(q, k, v, mask, group, False).transpose(1, 2).reshape(m * group, h * dh)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_sum", [False, True])
+def test_add_norm_is_layer_norm_of_the_sum(keep_sum):
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(2, 37, 48, generator=g) * 3 + 1
+    w, b = torch.randn(2, 48, generator=g)
+    out, total = kernels.ops().add_norm(x, y, w, b, 1e-5, keep_sum)
+    torch.testing.assert_close(out, F.layer_norm(x + y, (48,), w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    if keep_sum:
+        torch.testing.assert_close(total, x + y)
+    else:
+        assert total is None
+    with pytest.raises(RuntimeError, match="same"):
+        kernels.ops().add_norm(x, y[:5], w, b, 1e-5, False)
+
+
+@pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style"])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam):
+    from conftest import make_model
+
+    import transduce.models.transformer as T
+
+    model = make_model(name)
+    torch.manual_seed(1)
+    src = torch.randint(3, 13, (5, 7))
+    src[1, 4:] = 0
+    src[3, 2:] = 0
+    tokens = torch.randint(3, 11, (4, 5 * beam))
+
+    def run():
+        with torch.no_grad():
+            state = model.init_state(model.encode(src, src != 0), beam, 6)
+            logits = [model.step(tok, state)[0] for tok in tokens]
+            # beams reordered mid-way, as search does
+            state = model.reorder_state(state, torch.arange(5 * beam).flip(0))
+            logits.append(model.step(tokens[0], state)[0])
+        return torch.stack(logits)
+
+    calls = []
+    real = T.Transformer._kernel_step
+    monkeypatch.setattr(T.Transformer, "_kernel_step", lambda *a: calls.append(1) or real(*a))
+    fast = run()
+    assert len(calls) == 5  # every step took the kernel path
+    monkeypatch.setattr(T, "kernels", type("NoKernels", (), {"ops": staticmethod(lambda: None)}))
+    slow = run()
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)

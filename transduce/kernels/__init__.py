@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger("transduce")
 
-SOURCE = Path(__file__).with_name("attention.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "norm.cpp")]
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
@@ -54,7 +54,7 @@ def build_dir() -> Path:
     root = Path(os.environ.get("TRANSDUCE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
                                                            Path.home() / ".cache") / "transduce")
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CFLAGS).encode(), _cpu_flags().encode()):
+    for part in (*(f.read_bytes() for f in SOURCES), torch.__version__.encode(), " ".join(CFLAGS).encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
     return root / "kernels" / h.hexdigest()[:16]
@@ -75,7 +75,7 @@ def build(verbose: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log.info("compiling transduce's CPU kernels into %s (once per machine, ~15 s)", out)
     t = time.perf_counter()
-    load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
+    load(NAME, [str(f) for f in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
          is_python_module=False, verbose=verbose)
     log.info("kernels compiled in %.0f s", time.perf_counter() - t)
     return lib

@@ -149,7 +149,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const bool* mp = mask.numel() ? mask.data_ptr<bool>() : nullptr;
+  const bool* mp = mask.defined() && mask.numel() ? mask.data_ptr<bool>() : nullptr;
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   // out (N, Tq, H * dh): row n, query i, head at n * Tq * H * dh + i * H * dh + head * dh
@@ -180,7 +180,7 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
               "attend: k, v must match q's heads and dh");
   TORCH_CHECK(!causal || q.size(2) <= k.size(2), "attend: causal needs no more queries than keys");
   TORCH_CHECK(k.size(2) > 0 || q.numel() == 0, "attend: no keys");
-  if (mask.numel()) {
+  if (mask.defined() && mask.numel()) {
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == k.size(0) &&
                     mask.size(1) == k.size(2),
                 "attend: mask must be bool (k rows, keys)");
@@ -200,9 +200,52 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return out;
 }
 
+// One decoding step's query per row, q (N, H * dh) (rows may be strided, e.g. a slice of a fused
+// projection), against k, v (M, H, T, dh): attend() on the (N, H, 1, dh) view. Returns (N, H * dh).
+at::Tensor attend_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                       int64_t group, double scale) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 4 && q.size(1) == k.size(1) * k.size(3),
+              "attend_step: q must be (rows, heads * dh) for k (rows, heads, len, dh)");
+  const int64_t n = q.size(0), h = k.size(1), dh = k.size(3);
+  return attend(q.as_strided({n, h, 1, dh}, {q.stride(0), dh * q.stride(1), 0, q.stride(1)}), k, v, mask, group,
+                false, scale)
+      .view({n, h * dh});
+}
+
+// A decoding step's self-attention with its key/value cache: qkv (N, 3 * H * dh) is the fused
+// projection of the new position (q, k, v in that order); its k and v are written into the caches
+// ck, cv (N, H, T_max, dh) at position t, then q attends positions [0, t]. Returns (N, H * dh).
+at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& ck, const at::Tensor& cv, int64_t t, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && ck.scalar_type() == at::kFloat &&
+                  cv.scalar_type() == at::kFloat, "self_step: float32 CPU tensors only");
+  TORCH_CHECK(qkv.dim() == 2 && ck.dim() == 4 && ck.sizes() == cv.sizes(), "self_step: qkv (rows, 3 * d), caches (rows, heads, len, dh)");
+  const int64_t n = ck.size(0), h = ck.size(1), dh = ck.size(3), d = h * dh;
+  TORCH_CHECK(qkv.size(0) == n && qkv.size(1) == 3 * d && qkv.stride(1) == 1, "self_step: qkv must be (rows, 3 * heads * dh), rows contiguous");
+  TORCH_CHECK(ck.stride(3) == 1 && cv.stride(3) == 1, "self_step: caches' innermost dim must be contiguous");
+  TORCH_CHECK(t >= 0 && t < ck.size(2), "self_step: position ", t, " outside the cache (", ck.size(2), ")");
+  const float* src = qkv.data_ptr<float>();
+  float* kp = ck.data_ptr<float>();
+  float* vp = cv.data_ptr<float>();
+  const int64_t row = qkv.stride(0);
+  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t head = 0; head < h; ++head) {
+        const float* ks = src + r * row + d + head * dh;
+        float* kd = kp + r * ck.stride(0) + head * ck.stride(1) + t * ck.stride(2);
+        float* vd = vp + r * cv.stride(0) + head * cv.stride(1) + t * cv.stride(2);
+        std::copy(ks, ks + dh, kd);
+        std::copy(ks + d, ks + d + dh, vd);
+      }
+    }
+  });
+  return attend_step(qkv.narrow(1, 0, d), ck.narrow(2, 0, t + 1), cv.narrow(2, 0, t + 1), at::Tensor(), 1, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(transduce, m) {
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, int group, bool causal, float scale) -> Tensor",
         &attend);
+  m.def("attend_step(Tensor q, Tensor k, Tensor v, Tensor mask, int group, float scale) -> Tensor", &attend_step);
+  m.def("self_step(Tensor qkv, Tensor(a!) ck, Tensor(b!) cv, int t, float scale) -> Tensor", &self_step);
 }

@@ -5,8 +5,10 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from transduce import kernels
 from transduce.models.base import EncoderDecoderModel, EncoderOutput
 from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights, reorder_cache
 
@@ -137,6 +139,16 @@ class DecoderLayer(nn.Module):
         return self.r3(x, self.ff)
 
 
+def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x), without the module call's overhead for a plain nn.Linear (int8 copies are other modules)."""
+    return F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
+
+
+def _add_norm(ops, x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm, keep_sum: bool):
+    """(norm(x + y), x + y or None) in one pass (transduce/kernels/norm.cpp)."""
+    return ops.add_norm(x, y, norm.weight, norm.bias, norm.eps, keep_sum)
+
+
 @dataclass
 class TransformerState:
     mem_kv: list                # per layer (k, v), each (B, H, S, dh): projected once
@@ -229,6 +241,11 @@ class Transformer(EncoderStack):
 
     def step(self, tokens: torch.Tensor, state: TransformerState) -> tuple[torch.Tensor, TransformerState]:
         # tokens (N,) with N = B * beam -> logits (N, V)
+        if state.attention is None and not self.training and not torch.is_grad_enabled() \
+                and tokens.device.type == "cpu" and self.tgt_embed.tokens.weight.dtype == torch.float32:
+            ops = kernels.ops()
+            if ops is not None:
+                return self._kernel_step(ops, tokens, state), state
         x = self.tgt_embed(tokens[:, None], start=state.t)
         weights = [] if state.attention is not None else None
         for layer, (k, v), cache in zip(self.decoder, state.mem_kv, state.cache):
@@ -237,6 +254,47 @@ class Transformer(EncoderStack):
             state.attention.append([w[:, :, 0] for w in weights])  # per layer (N, H, S)
         state.t += 1
         return self.output(self.dec_norm(x[:, 0])), state
+
+    def _kernel_step(self, ops, tokens: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """`step` for inference on the CPU kernels (transduce/kernels): the same computation on
+        (N, D) rows, with a sublayer's residual add and LayerNorm in one pass and the new key and
+        value written into the cache by the self-attention kernel. A step's work is a few hundred
+        kB per op, where the module path's ~300 small tensor ops (views, copies, separate adds and
+        norms) cost as much as the matmuls."""
+        c, e = self.config, self.tgt_embed
+        t = state.t
+        if t >= e.max_positions:
+            raise ValueError(f"sequence of {t + 1} positions exceeds model.max_positions={e.max_positions}")
+        pos = e.positions.weight[t] if e.positions is not None else e.table[t]
+        x = F.embedding(tokens, e.tokens.weight)
+        x = torch.add(pos, x, alpha=e.scale) if e.scale != 1.0 else x + pos
+        if isinstance(e.norm, nn.LayerNorm):
+            x = F.layer_norm(x, e.norm.normalized_shape, e.norm.weight, e.norm.bias, e.norm.eps)
+        mask = state.src_mask.view(state.src_mask.shape[0], -1)
+        scale = (c.d_model // c.heads) ** -0.5
+        pre = c.norm == "pre"
+        layers = list(self.decoder)
+        if pre:
+            n = layers[0].r1.norm
+            h = F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
+        for i, (layer, (mk, mv), (ck, cv)) in enumerate(zip(layers, state.mem_kv, state.cache)):
+            sa, ca, ff = layer.self_attn, layer.cross_attn, layer.ff
+            if pre:  # x: the residual stream; h: its normalised copy, the sublayer's input
+                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, h), ck, cv, t, scale))
+                h, x = _add_norm(ops, x, a, layer.r2.norm, True)
+                a = _linear(ca.out, ops.attend_step(_linear(ca.q, h), mk, mv, mask, state.beam, scale))
+                h, x = _add_norm(ops, x, a, layer.r3.norm, True)
+                a = _linear(ff.down, ff.act(_linear(ff.up, h)))
+                h, x = _add_norm(ops, x, a, layers[i + 1].r1.norm if i + 1 < len(layers) else self.dec_norm, True)
+            else:
+                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, x), ck, cv, t, scale))
+                x = _add_norm(ops, x, a, layer.r1.norm, False)[0]
+                a = _linear(ca.out, ops.attend_step(_linear(ca.q, x), mk, mv, mask, state.beam, scale))
+                x = _add_norm(ops, x, a, layer.r2.norm, False)[0]
+                a = _linear(ff.down, ff.act(_linear(ff.up, x)))
+                x = _add_norm(ops, x, a, layer.r3.norm, False)[0]
+        state.t += 1
+        return _linear(self.output, h if pre else self.dec_norm(x))
 
     def reorder_state(self, state: TransformerState, rows: torch.Tensor | None,
                       batch: torch.Tensor | None = None) -> TransformerState:
