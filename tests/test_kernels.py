@@ -143,7 +143,8 @@ def test_attention_dropout_keeps_pytorch_path():
     assert a.shape == ref.shape
 
 
-def test_self_step_writes_the_cache_and_attends_the_positions_so_far():
+@pytest.mark.parametrize("indirect", [False, True])
+def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
     g = torch.Generator().manual_seed(4)
     n, h, dh, tmax, t = 6, 4, 16, 9, 5
     d = h * dh
@@ -151,7 +152,9 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far():
     before_k, before_v = ck.clone(), cv.clone()
     fused = torch.randn(n, 4 * d, generator=g)
     qkv = fused[:, d:]                     # strided rows, as a slice of a wider projection
-    out = kernels.ops().self_step(qkv, ck, cv, t, dh ** -0.5)
+    # beam search's table: position j < t of hypothesis r lies in cache row rows[r, j]
+    rows = torch.randint(0, n, (n, tmax), generator=g) if indirect else torch.empty(0, dtype=torch.long)
+    out = kernels.ops().self_step(qkv, ck, cv, t, dh ** -0.5, rows)
     q, k, v = (x.view(n, 1, h, dh).transpose(1, 2) for x in qkv.split(d, 1))
     torch.testing.assert_close(ck[:, :, t:t + 1], k)
     torch.testing.assert_close(cv[:, :, t:t + 1], v)
@@ -159,10 +162,18 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far():
     keep = torch.ones(tmax, dtype=torch.bool)
     keep[t] = False
     assert torch.equal(ck[:, :, keep], before_k[:, :, keep]) and torch.equal(cv[:, :, keep], before_v[:, :, keep])
-    want = reference(q, ck[:, :, : t + 1], cv[:, :, : t + 1], None, 1, False)
+    if indirect:
+        assert torch.equal(rows[:, t], torch.arange(n))  # the new position is each row's own
+        cols = torch.arange(t + 1)
+        keys = ck[rows[:, : t + 1], :, cols].transpose(1, 2)
+        values = cv[rows[:, : t + 1], :, cols].transpose(1, 2)
+        assert not torch.equal(keys, ck[:, :, : t + 1])
+    else:
+        keys, values = ck[:, :, : t + 1], cv[:, :, : t + 1]
+    want = reference(q, keys, values, None, 1, False)
     torch.testing.assert_close(out, want.transpose(1, 2).reshape(n, d), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        kernels.ops().self_step(qkv, ck, cv, tmax, 1.0)
+        kernels.ops().self_step(qkv, ck, cv, tmax, 1.0, rows)
 
 
 @pytest.mark.parametrize("group", [1, 3])
@@ -193,6 +204,9 @@ def test_add_norm_is_layer_norm_of_the_sum(keep_sum):
         kernels.ops().add_norm(x, y[:5], w, b, 1e-5, False)
 
 
+NO_KERNELS = type("NoKernels", (), {"ops": staticmethod(lambda: None)})
+
+
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style"])
 @pytest.mark.parametrize("beam", [1, 3])
 def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam):
@@ -205,22 +219,34 @@ def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam):
     src = torch.randint(3, 13, (5, 7))
     src[1, 4:] = 0
     src[3, 2:] = 0
-    tokens = torch.randint(3, 11, (4, 5 * beam))
+    tokens = torch.randint(3, 11, (6, 5 * beam))
+    order = torch.randperm(5 * beam)
 
-    def run():
+    def run(switch_at=None):
+        """Steps as search takes them: beams reordered, then two sources dropped. With `switch_at`,
+        the kernels go away after that many steps (the cache leaves the kernels' table)."""
+        logits = []
         with torch.no_grad():
-            state = model.init_state(model.encode(src, src != 0), beam, 6)
-            logits = [model.step(tok, state)[0] for tok in tokens]
-            # beams reordered mid-way, as search does
-            state = model.reorder_state(state, torch.arange(5 * beam).flip(0))
-            logits.append(model.step(tokens[0], state)[0])
-        return torch.stack(logits)
+            state = model.init_state(model.encode(src, src != 0), beam, 8)
+            for i, tok in enumerate(tokens):
+                if i == switch_at:
+                    monkeypatch.setattr(T, "kernels", NO_KERNELS)
+                if i == 4:
+                    keep = torch.tensor([0, 2, 4])
+                    state = model.reorder_state(state, (keep[:, None] * beam + torch.arange(beam)).view(-1), keep)
+                logits.append(model.step(tok[: state.cache[0][0].shape[0]], state)[0])
+                if i < 4:
+                    state = model.reorder_state(state, order)
+                    # with the kernels, the cache stays and a table of rows follows the beams
+                    assert (state.rows is not None) == (T.kernels is kernels)
+        return torch.cat(logits)
 
     calls = []
     real = T.Transformer._kernel_step
     monkeypatch.setattr(T.Transformer, "_kernel_step", lambda *a: calls.append(1) or real(*a))
     fast = run()
-    assert len(calls) == 5  # every step took the kernel path
-    monkeypatch.setattr(T, "kernels", type("NoKernels", (), {"ops": staticmethod(lambda: None)}))
+    assert len(calls) == len(tokens)  # every step took the kernel path
+    switched = run(switch_at=3)
     slow = run()
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(switched, slow, rtol=1e-4, atol=1e-4)

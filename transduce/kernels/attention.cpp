@@ -215,30 +215,87 @@ at::Tensor attend_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // A decoding step's self-attention with its key/value cache: qkv (N, 3 * H * dh) is the fused
 // projection of the new position (q, k, v in that order); its k and v are written into the caches
 // ck, cv (N, H, T_max, dh) at position t, then q attends positions [0, t]. Returns (N, H * dh).
-at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& ck, const at::Tensor& cv, int64_t t, double scale) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && ck.scalar_type() == at::kFloat &&
-                  cv.scalar_type() == at::kFloat, "self_step: float32 CPU tensors only");
-  TORCH_CHECK(qkv.dim() == 2 && ck.dim() == 4 && ck.sizes() == cv.sizes(), "self_step: qkv (rows, 3 * d), caches (rows, heads, len, dh)");
-  const int64_t n = ck.size(0), h = ck.size(1), dh = ck.size(3), d = h * dh;
-  TORCH_CHECK(qkv.size(0) == n && qkv.size(1) == 3 * d && qkv.stride(1) == 1, "self_step: qkv must be (rows, 3 * heads * dh), rows contiguous");
-  TORCH_CHECK(ck.stride(3) == 1 && cv.stride(3) == 1, "self_step: caches' innermost dim must be contiguous");
-  TORCH_CHECK(t >= 0 && t < ck.size(2), "self_step: position ", t, " outside the cache (", ck.size(2), ")");
-  const float* src = qkv.data_ptr<float>();
-  float* kp = ck.data_ptr<float>();
-  float* vp = cv.data_ptr<float>();
-  const int64_t row = qkv.stride(0);
-  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t head = 0; head < h; ++head) {
-        const float* ks = src + r * row + d + head * dh;
-        float* kd = kp + r * ck.stride(0) + head * ck.stride(1) + t * ck.stride(2);
-        float* vd = vp + r * cv.stride(0) + head * cv.stride(1) + t * cv.stride(2);
-        std::copy(ks, ks + dh, kd);
-        std::copy(ks + d, ks + d + dh, vd);
+//
+// rows (N, T_max) int64, or an empty tensor: where a beam search keeps its cache. Position j < t
+// of hypothesis n then lies in cache row rows[n, j] (its ancestor at step j), so selecting beams
+// reorders this small table instead of copying the whole cache; the kernel sets rows[n, t] = n.
+template <int DH>
+void self_step_run(const float* src, int64_t src_row, float* kp, float* vp, const int64_t* cs, int64_t* table,
+                   int64_t table_row, int64_t n, int64_t h, int64_t dh_runtime, int64_t t, float scale, float* op) {
+  const int64_t dh = DH > 0 ? DH : dh_runtime, d = h * dh;
+  at::parallel_for(0, n * h, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, (t + 1) * dh)), [&](int64_t begin, int64_t end) {
+    std::vector<float> s(t + 1);
+    std::vector<int64_t> at_(t + 1);  // offset of position j's key (and value) in the caches
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / h, head = u % h;
+      const float* __restrict__ q = src + r * src_row + head * dh;
+      const int64_t own = r * cs[0] + head * cs[1];
+      std::copy(q + d, q + d + dh, kp + own + t * cs[2]);
+      std::copy(q + 2 * d, q + 2 * d + dh, vp + own + t * cs[2]);
+      if (table != nullptr && head == 0) table[r * table_row + t] = r;
+      for (int64_t j = 0; j <= t; ++j) {
+        const int64_t row = (table != nullptr && j < t) ? table[r * table_row + j] : r;
+        at_[j] = row * cs[0] + head * cs[1] + j * cs[2];
+      }
+      float top = kMasked;
+      for (int64_t j = 0; j <= t; ++j) {
+        const float* __restrict__ k = kp + at_[j];
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t e = 0; e < dh; ++e) acc += q[e] * k[e];
+        s[j] = acc * scale;
+        top = std::max(top, s[j]);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j <= t; ++j) {
+        s[j] = expf(s[j] - top);
+        sum += s[j];
+      }
+      float* __restrict__ o = op + r * d + head * dh;
+      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t e = 0; e < dh; ++e) o[e] = 0.f;
+      for (int64_t j = 0; j <= t; ++j) {
+        const float p = s[j] * inv;
+        const float* __restrict__ v = vp + at_[j];
+#pragma omp simd
+        for (int64_t e = 0; e < dh; ++e) o[e] += p * v[e];
       }
     }
   });
-  return attend_step(qkv.narrow(1, 0, d), ck.narrow(2, 0, t + 1), cv.narrow(2, 0, t + 1), at::Tensor(), 1, scale);
+}
+
+at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& ck, const at::Tensor& cv, int64_t t, double scale,
+                     const at::Tensor& rows) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && ck.scalar_type() == at::kFloat &&
+                  cv.scalar_type() == at::kFloat, "self_step: float32 CPU tensors only");
+  TORCH_CHECK(qkv.dim() == 2 && ck.dim() == 4 && ck.sizes() == cv.sizes() && ck.strides() == cv.strides(),
+              "self_step: qkv (rows, 3 * d), caches (rows, heads, len, dh) of one layout");
+  const int64_t n = ck.size(0), h = ck.size(1), dh = ck.size(3), d = h * dh;
+  TORCH_CHECK(qkv.size(0) == n && qkv.size(1) == 3 * d && qkv.stride(1) == 1,
+              "self_step: qkv must be (rows, 3 * heads * dh), rows contiguous");
+  TORCH_CHECK(ck.stride(3) == 1, "self_step: caches' innermost dim must be contiguous");
+  TORCH_CHECK(t >= 0 && t < ck.size(2), "self_step: position ", t, " outside the cache (", ck.size(2), ")");
+  const bool indirect = rows.defined() && rows.numel();
+  if (indirect) {
+    TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == n && rows.size(1) > t &&
+                    rows.stride(1) == 1, "self_step: rows must be int64 (rows, len) with room for position ", t);
+  }
+  auto out = at::empty({n, d}, qkv.options());
+  if (n == 0) return out;
+  const int64_t cs[3] = {ck.stride(0), ck.stride(1), ck.stride(2)};
+  int64_t* table = indirect ? rows.data_ptr<int64_t>() : nullptr;
+  const int64_t table_row = indirect ? rows.stride(0) : 0;
+  const float sc = static_cast<float>(scale);
+#define SELF_STEP(DH) self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), ck.data_ptr<float>(), cv.data_ptr<float>(), \
+                                        cs, table, table_row, n, h, dh, t, sc, out.data_ptr<float>())
+  switch (dh) {
+    case 32: SELF_STEP(32); break;
+    case 64: SELF_STEP(64); break;
+    default: SELF_STEP(0);
+  }
+#undef SELF_STEP
+  return out;
 }
 
 }  // namespace
@@ -247,5 +304,5 @@ TORCH_LIBRARY(transduce, m) {
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, int group, bool causal, float scale) -> Tensor",
         &attend);
   m.def("attend_step(Tensor q, Tensor k, Tensor v, Tensor mask, int group, float scale) -> Tensor", &attend_step);
-  m.def("self_step(Tensor qkv, Tensor(a!) ck, Tensor(b!) cv, int t, float scale) -> Tensor", &self_step);
+  m.def("self_step(Tensor qkv, Tensor(a!) ck, Tensor(b!) cv, int t, float scale, Tensor(c!) rows) -> Tensor", &self_step);
 }

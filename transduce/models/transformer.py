@@ -139,6 +139,23 @@ class DecoderLayer(nn.Module):
         return self.r3(x, self.ff)
 
 
+_NO_ROWS = torch.empty(0, dtype=torch.long)
+
+
+def _gather_cache(state: "TransformerState", rows: torch.Tensor | None) -> None:
+    """Cache buffers in hypothesis order (hypotheses `rows`, or all), from the table `state.rows`."""
+    t = state.t
+    table = state.rows[:, :t] if rows is None else state.rows.index_select(0, rows)[:, :t]
+    cols = torch.arange(t)
+    cache = []
+    for k, v in state.cache:
+        k2, v2 = k.new_empty((table.shape[0],) + k.shape[1:]), v.new_empty((table.shape[0],) + v.shape[1:])
+        k2[:, :, :t] = k[table, :, cols].transpose(1, 2)  # (rows, t, H, dh) -> (rows, H, t, dh)
+        v2[:, :, :t] = v[table, :, cols].transpose(1, 2)
+        cache.append((k2, v2))
+    state.cache, state.rows, state.spare = cache, None, None
+
+
 def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """m(x), without the module call's overhead for a plain nn.Linear (int8 copies are other modules)."""
     return F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
@@ -158,6 +175,9 @@ class TransformerState:
     beam: int
     attention: list | None      # if recording: per step, per layer (N, H, S) cross-attention
     spare: list | None = None   # buffers shaped like `cache` that the next beam reorder fills
+    # (N, max_len) int64 or None: with the CPU kernels, beam selection leaves the cache where it is
+    # and reorders this table instead: position j < t of hypothesis n lies in cache row rows[n, j].
+    rows: torch.Tensor | None = None
 
 
 class EncoderStack(EncoderDecoderModel):
@@ -246,6 +266,8 @@ class Transformer(EncoderStack):
             ops = kernels.ops()
             if ops is not None:
                 return self._kernel_step(ops, tokens, state), state
+        if state.rows is not None:  # the cache back in hypothesis order for the modules
+            _gather_cache(state, None)
         x = self.tgt_embed(tokens[:, None], start=state.t)
         weights = [] if state.attention is not None else None
         for layer, (k, v), cache in zip(self.decoder, state.mem_kv, state.cache):
@@ -273,6 +295,7 @@ class Transformer(EncoderStack):
         mask = state.src_mask.view(state.src_mask.shape[0], -1)
         scale = (c.d_model // c.heads) ** -0.5
         pre = c.norm == "pre"
+        table = _NO_ROWS if state.rows is None else state.rows
         layers = list(self.decoder)
         if pre:
             n = layers[0].r1.norm
@@ -280,14 +303,14 @@ class Transformer(EncoderStack):
         for i, (layer, (mk, mv), (ck, cv)) in enumerate(zip(layers, state.mem_kv, state.cache)):
             sa, ca, ff = layer.self_attn, layer.cross_attn, layer.ff
             if pre:  # x: the residual stream; h: its normalised copy, the sublayer's input
-                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, h), ck, cv, t, scale))
+                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, h), ck, cv, t, scale, table))
                 h, x = _add_norm(ops, x, a, layer.r2.norm, True)
                 a = _linear(ca.out, ops.attend_step(_linear(ca.q, h), mk, mv, mask, state.beam, scale))
                 h, x = _add_norm(ops, x, a, layer.r3.norm, True)
                 a = _linear(ff.down, ff.act(_linear(ff.up, h)))
                 h, x = _add_norm(ops, x, a, layers[i + 1].r1.norm if i + 1 < len(layers) else self.dec_norm, True)
             else:
-                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, x), ck, cv, t, scale))
+                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, x), ck, cv, t, scale, table))
                 x = _add_norm(ops, x, a, layer.r1.norm, False)[0]
                 a = _linear(ca.out, ops.attend_step(_linear(ca.q, x), mk, mv, mask, state.beam, scale))
                 x = _add_norm(ops, x, a, layer.r2.norm, False)[0]
@@ -302,8 +325,18 @@ class Transformer(EncoderStack):
         if batch is not None:
             state.mem_kv = [(k.index_select(0, batch), v.index_select(0, batch)) for k, v in state.mem_kv]
             state.src_mask = state.src_mask.index_select(0, batch)
-        if rows is not None:
+        if rows is None:
+            return state
+        n = state.cache[0][0].shape[0]
+        if state.rows is None and rows.numel() == n and state.cache[0][0].dtype == torch.float32 \
+                and state.cache[0][0].device.type == "cpu" and kernels.ops() is not None:
+            state.rows = torch.arange(n)[:, None].repeat(1, state.cache[0][0].shape[2])
+        if state.rows is None:
             state.cache, state.spare = reorder_cache(state.cache, rows, state.t, state.spare)
+        elif rows.numel() == n:  # beam selection: the table follows the beams, the cache stays
+            state.rows = state.rows.index_select(0, rows)  # (the kernel set rows[n, t - 1] = n)
+        else:  # sources dropped: a smaller cache in hypothesis order
+            _gather_cache(state, rows)
         return state
 
     def describe(self) -> dict:
