@@ -48,6 +48,18 @@ def test_one_query_per_row_matches(dh, group):
     torch.testing.assert_close(out, reference(q, k, v, mask, group, False), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tk", [3, 17, 30, 40])
+def test_shared_keys_of_every_length_match(tk):
+    # the beams of a source read its keys laid out once: up to 32 keys in registers, more in memory
+    g = torch.Generator().manual_seed(tk)
+    m, h, dh, group = 3, 2, 32, 4
+    q = torch.randn(m * group, h, 2, dh, generator=g)
+    k, v = torch.randn(2, m, h, tk, dh, generator=g)
+    mask = random_mask(m, tk, g)
+    out = kernels.attend(q, k, v, mask, group, False, dh ** -0.5)
+    torch.testing.assert_close(out, reference(q, k, v, mask, group, False), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_many_queries_strided_inputs_match(causal):
     # q, k, v as the projections hand them over: strided views of one (B, T, 3 * D) tensor

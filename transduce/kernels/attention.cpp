@@ -79,6 +79,39 @@ inline float scores(const float* __restrict__ q, const float* __restrict__ kt, c
   return top;
 }
 
+// `scores` for up to NV * kLanes keys (NV a constant): the sums stay in registers, in four partial
+// sums over dh, so the multiply-adds do not wait on each other (with one accumulator in memory a
+// query's 32 steps ran one at a time).
+template <int DH, int NV>
+inline float scores_short(const float* __restrict__ q, const float* __restrict__ kt, const float* __restrict__ bias,
+                          int64_t len, int64_t dh_runtime, float scale, float* __restrict__ s) {
+  constexpr int64_t W = NV * kLanes, P = 4;
+  const int64_t dh = DH > 0 ? DH : dh_runtime;
+  float acc[P][W] = {};
+  int64_t d = 0;
+  for (; d + P <= dh; d += P) {
+    for (int64_t p = 0; p < P; ++p) {
+      const float qd = q[d + p];
+      const float* __restrict__ row = kt + (d + p) * W;
+#pragma omp simd
+      for (int64_t t = 0; t < W; ++t) acc[p][t] += qd * row[t];
+    }
+  }
+  for (; d < dh; ++d) {
+    const float qd = q[d];
+#pragma omp simd
+    for (int64_t t = 0; t < W; ++t) acc[0][t] += qd * kt[d * W + t];
+  }
+  float top = kMasked;
+#pragma omp simd reduction(max : top)
+  for (int64_t t = 0; t < W; ++t) {
+    const float v = ((acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t])) * scale + bias[t];
+    s[t] = t < len ? v : kMasked;
+    top = std::max(top, s[t]);
+  }
+  return top;
+}
+
 // As `scores`, straight from the key rows: for a memory row read by a single query (greedy
 // decoding), where laying the keys out transposed would cost more than it saves.
 template <int DH>
@@ -119,8 +152,18 @@ inline void forward_unit(const float* q, int64_t q_row_step, int64_t q_step, int
       const int64_t len = causal ? tk - tq + i + 1 : tk;
       float* __restrict__ o = out + r * out_row_step + i * out_q_step;
       const float* qi = q + r * q_row_step + i * q_step;
-      const float top = direct ? direct_scores<DH>(qi, k, k_step, w.bias.data(), tkp, len, dh, scale, s)
-                               : scores<DH>(qi, w.kt.data(), w.bias.data(), tkp, len, dh, scale, s);
+      float top;
+      if (direct) {
+        top = direct_scores<DH>(qi, k, k_step, w.bias.data(), tkp, len, dh, scale, s);
+      } else {
+        switch (tkp / kLanes) {
+          case 1: top = scores_short<DH, 1>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
+          case 2: top = scores_short<DH, 2>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
+          case 3: top = scores_short<DH, 3>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
+          case 4: top = scores_short<DH, 4>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
+          default: top = scores<DH>(qi, w.kt.data(), w.bias.data(), tkp, len, dh, scale, s);
+        }
+      }
       for (int64_t d = 0; d < dh; ++d) o[d] = 0.f;
       if (top <= 0.5f * kMasked) continue;  // no key to attend to: zeros
       float sum = 0.f;
