@@ -166,8 +166,9 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
     qkv = fused[:, d:]                     # strided rows, as a slice of a wider projection
     # beam search's table: position j < t of hypothesis r lies in cache row rows[r, j]
     rows = torch.randint(0, n, (n, tmax), generator=g) if indirect else torch.empty(0, dtype=torch.long)
-    out = kernels.ops().self_step(qkv, ck, cv, t, dh ** -0.5, rows)
-    q, k, v = (x.view(n, 1, h, dh).transpose(1, 2) for x in qkv.split(d, 1))
+    bias = torch.randn(3 * d, generator=g)
+    out = kernels.ops().self_step(qkv, bias, ck, cv, t, dh ** -0.5, rows)
+    q, k, v = (x.view(n, 1, h, dh).transpose(1, 2) for x in (qkv + bias).split(d, 1))
     torch.testing.assert_close(ck[:, :, t:t + 1], k)
     torch.testing.assert_close(cv[:, :, t:t + 1], v)
     # only position t changed
@@ -185,7 +186,9 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
     want = reference(q, keys, values, None, 1, False)
     torch.testing.assert_close(out, want.transpose(1, 2).reshape(n, d), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        kernels.ops().self_step(qkv, ck, cv, tmax, 1.0, rows)
+        kernels.ops().self_step(qkv, bias, ck, cv, tmax, 1.0, rows)
+    without = kernels.ops().self_step(qkv + bias, torch.empty(0), ck.clone(), cv.clone(), t, dh ** -0.5, rows)
+    torch.testing.assert_close(without, out)
 
 
 @pytest.mark.parametrize("group", [1, 3])
@@ -202,18 +205,22 @@ def test_attend_step_takes_queries_as_rows(group):
 
 
 @pytest.mark.parametrize("keep_sum", [False, True])
-def test_add_norm_is_layer_norm_of_the_sum(keep_sum):
+@pytest.mark.parametrize("y_bias", [False, True])
+def test_add_norm_is_layer_norm_of_the_sum(keep_sum, y_bias):
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(2, 37, 48, generator=g) * 3 + 1
-    w, b = torch.randn(2, 48, generator=g)
-    out, total = kernels.ops().add_norm(x, y, w, b, 1e-5, keep_sum)
-    torch.testing.assert_close(out, F.layer_norm(x + y, (48,), w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    w, b, yb = torch.randn(3, 48, generator=g)
+    total_want = x + y + yb if y_bias else x + y
+    out, total = kernels.ops().add_norm(x, y, yb if y_bias else torch.empty(0), w, b, 1e-5, keep_sum)
+    torch.testing.assert_close(out, F.layer_norm(total_want, (48,), w, b, 1e-5), rtol=1e-5, atol=1e-5)
     if keep_sum:
-        torch.testing.assert_close(total, x + y)
+        torch.testing.assert_close(total, total_want)
     else:
         assert total is None
     with pytest.raises(RuntimeError, match="same"):
-        kernels.ops().add_norm(x, y[:5], w, b, 1e-5, False)
+        kernels.ops().add_norm(x, y[:5], torch.empty(0), w, b, 1e-5, False)
+    with pytest.raises(RuntimeError, match="y_bias"):
+        kernels.ops().add_norm(x, y, yb[:5], w, b, 1e-5, False)
 
 
 NO_KERNELS = type("NoKernels", (), {"ops": staticmethod(lambda: None)})

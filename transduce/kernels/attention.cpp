@@ -256,25 +256,41 @@ at::Tensor attend_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // A decoding step's self-attention with its key/value cache: qkv (N, 3 * H * dh) is the fused
-// projection of the new position (q, k, v in that order); its k and v are written into the caches
+// projection of the new position (q, k, v in that order), to which `bias` (3 * H * dh, or empty)
+// is added here (so the projection can skip its own pass writing it); its k and v are written into the caches
 // ck, cv (N, H, T_max, dh) at position t, then q attends positions [0, t]. Returns (N, H * dh).
 //
 // rows (N, T_max) int64, or an empty tensor: where a beam search keeps its cache. Position j < t
 // of hypothesis n then lies in cache row rows[n, j] (its ancestor at step j), so selecting beams
 // reorders this small table instead of copying the whole cache; the kernel sets rows[n, t] = n.
 template <int DH>
-void self_step_run(const float* src, int64_t src_row, float* kp, float* vp, const int64_t* cs, int64_t* table,
+void self_step_run(const float* src, int64_t src_row, const float* bias, float* kp, float* vp, const int64_t* cs, int64_t* table,
                    int64_t table_row, int64_t n, int64_t h, int64_t dh_runtime, int64_t t, float scale, float* op) {
   const int64_t dh = DH > 0 ? DH : dh_runtime, d = h * dh;
   at::parallel_for(0, n * h, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, (t + 1) * dh)), [&](int64_t begin, int64_t end) {
     std::vector<float> s(t + 1);
     std::vector<int64_t> at_(t + 1);  // offset of position j's key (and value) in the caches
+    std::vector<float> qb(dh);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / h, head = u % h;
-      const float* __restrict__ q = src + r * src_row + head * dh;
+      const float* __restrict__ in = src + r * src_row + head * dh;
       const int64_t own = r * cs[0] + head * cs[1];
-      std::copy(q + d, q + d + dh, kp + own + t * cs[2]);
-      std::copy(q + 2 * d, q + 2 * d + dh, vp + own + t * cs[2]);
+      float* __restrict__ kd = kp + own + t * cs[2];
+      float* __restrict__ vd = vp + own + t * cs[2];
+      const float* __restrict__ q = in;
+      if (bias != nullptr) {
+        const float* __restrict__ b = bias + head * dh;
+#pragma omp simd
+        for (int64_t e = 0; e < dh; ++e) {
+          qb[e] = in[e] + b[e];
+          kd[e] = in[d + e] + b[d + e];
+          vd[e] = in[2 * d + e] + b[2 * d + e];
+        }
+        q = qb.data();
+      } else {
+        std::copy(in + d, in + d + dh, kd);
+        std::copy(in + 2 * d, in + 2 * d + dh, vd);
+      }
       if (table != nullptr && head == 0) table[r * table_row + t] = r;
       for (int64_t j = 0; j <= t; ++j) {
         const int64_t row = (table != nullptr && j < t) ? table[r * table_row + j] : r;
@@ -308,8 +324,8 @@ void self_step_run(const float* src, int64_t src_row, float* kp, float* vp, cons
   });
 }
 
-at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& ck, const at::Tensor& cv, int64_t t, double scale,
-                     const at::Tensor& rows) {
+at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor& ck, const at::Tensor& cv,
+                     int64_t t, double scale, const at::Tensor& rows) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && ck.scalar_type() == at::kFloat &&
                   cv.scalar_type() == at::kFloat, "self_step: float32 CPU tensors only");
   TORCH_CHECK(qkv.dim() == 2 && ck.dim() == 4 && ck.sizes() == cv.sizes() && ck.strides() == cv.strides(),
@@ -319,6 +335,9 @@ at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& ck, const at::Tens
               "self_step: qkv must be (rows, 3 * heads * dh), rows contiguous");
   TORCH_CHECK(ck.stride(3) == 1, "self_step: caches' innermost dim must be contiguous");
   TORCH_CHECK(t >= 0 && t < ck.size(2), "self_step: position ", t, " outside the cache (", ck.size(2), ")");
+  const bool has_bias = bias.defined() && bias.numel();
+  TORCH_CHECK(!has_bias || (bias.numel() == 3 * d && bias.is_contiguous() && bias.scalar_type() == at::kFloat),
+              "self_step: bias must be float32 (3 * heads * dh) contiguous or empty");
   const bool indirect = rows.defined() && rows.numel();
   if (indirect) {
     TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == n && rows.size(1) > t &&
@@ -330,8 +349,9 @@ at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& ck, const at::Tens
   int64_t* table = indirect ? rows.data_ptr<int64_t>() : nullptr;
   const int64_t table_row = indirect ? rows.stride(0) : 0;
   const float sc = static_cast<float>(scale);
-#define SELF_STEP(DH) self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), ck.data_ptr<float>(), cv.data_ptr<float>(), \
-                                        cs, table, table_row, n, h, dh, t, sc, out.data_ptr<float>())
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+#define SELF_STEP(DH) self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), bp, ck.data_ptr<float>(), \
+                                        cv.data_ptr<float>(), cs, table, table_row, n, h, dh, t, sc, out.data_ptr<float>())
   switch (dh) {
     case 32: SELF_STEP(32); break;
     case 64: SELF_STEP(64); break;
@@ -347,5 +367,6 @@ TORCH_LIBRARY(transduce, m) {
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, int group, bool causal, float scale) -> Tensor",
         &attend);
   m.def("attend_step(Tensor q, Tensor k, Tensor v, Tensor mask, int group, float scale) -> Tensor", &attend_step);
-  m.def("self_step(Tensor qkv, Tensor(a!) ck, Tensor(b!) cv, int t, float scale, Tensor(c!) rows) -> Tensor", &self_step);
+  m.def("self_step(Tensor qkv, Tensor bias, Tensor(a!) ck, Tensor(b!) cv, int t, float scale, Tensor(c!) rows) -> Tensor",
+        &self_step);
 }

@@ -140,6 +140,7 @@ class DecoderLayer(nn.Module):
 
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)
+_EMPTY = torch.empty(0)
 
 
 def _gather_cache(state: "TransformerState", rows: torch.Tensor | None) -> None:
@@ -161,9 +162,16 @@ def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
 
 
-def _add_norm(ops, x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm, keep_sum: bool):
-    """(norm(x + y), x + y or None) in one pass (transduce/kernels/norm.cpp)."""
-    return ops.add_norm(x, y, norm.weight, norm.bias, norm.eps, keep_sum)
+def _unbiased(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T, b) for a plain nn.Linear, whose bias the next kernel adds in its own pass; (m(x), empty)
+    for other modules (int8 copies)."""
+    if type(m) is nn.Linear:
+        return F.linear(x, m.weight), (_EMPTY if m.bias is None else m.bias)
+    return m(x), _EMPTY
+
+
+def _norm(norm: nn.LayerNorm) -> tuple:
+    return norm.weight, norm.bias, norm.eps
 
 
 @dataclass
@@ -279,10 +287,10 @@ class Transformer(EncoderStack):
 
     def _kernel_step(self, ops, tokens: torch.Tensor, state: TransformerState) -> torch.Tensor:
         """`step` for inference on the CPU kernels (transduce/kernels): the same computation on
-        (N, D) rows, with a sublayer's residual add and LayerNorm in one pass and the new key and
-        value written into the cache by the self-attention kernel. A step's work is a few hundred
-        kB per op, where the module path's ~300 small tensor ops (views, copies, separate adds and
-        norms) cost as much as the matmuls."""
+        (N, D) rows, with a sublayer's residual add, its projection's bias and LayerNorm in one
+        pass, and the new key and value (plus their biases) written into the cache by the
+        self-attention kernel. A step's work is a few hundred kB per op, where the module path's
+        ~300 small tensor ops (views, copies, separate adds and norms) cost as much as the matmuls."""
         c, e = self.config, self.tgt_embed
         t = state.t
         if t >= e.max_positions:
@@ -302,20 +310,22 @@ class Transformer(EncoderStack):
             h = F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
         for i, (layer, (mk, mv), (ck, cv)) in enumerate(zip(layers, state.mem_kv, state.cache)):
             sa, ca, ff = layer.self_attn, layer.cross_attn, layer.ff
+            # projections leave their biases to the kernel that reads their output (_unbiased)
             if pre:  # x: the residual stream; h: its normalised copy, the sublayer's input
-                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, h), ck, cv, t, scale, table))
-                h, x = _add_norm(ops, x, a, layer.r2.norm, True)
-                a = _linear(ca.out, ops.attend_step(_linear(ca.q, h), mk, mv, mask, state.beam, scale))
-                h, x = _add_norm(ops, x, a, layer.r3.norm, True)
-                a = _linear(ff.down, ff.act(_linear(ff.up, h)))
-                h, x = _add_norm(ops, x, a, layers[i + 1].r1.norm if i + 1 < len(layers) else self.dec_norm, True)
+                a = ops.self_step(*_unbiased(sa.qkv, h), ck, cv, t, scale, table)
+                h, x = ops.add_norm(x, *_unbiased(sa.out, a), *_norm(layer.r2.norm), True)
+                a = ops.attend_step(_linear(ca.q, h), mk, mv, mask, state.beam, scale)
+                h, x = ops.add_norm(x, *_unbiased(ca.out, a), *_norm(layer.r3.norm), True)
+                a = ff.act(_linear(ff.up, h))
+                last = layers[i + 1].r1.norm if i + 1 < len(layers) else self.dec_norm
+                h, x = ops.add_norm(x, *_unbiased(ff.down, a), *_norm(last), True)
             else:
-                a = _linear(sa.out, ops.self_step(_linear(sa.qkv, x), ck, cv, t, scale, table))
-                x = _add_norm(ops, x, a, layer.r1.norm, False)[0]
-                a = _linear(ca.out, ops.attend_step(_linear(ca.q, x), mk, mv, mask, state.beam, scale))
-                x = _add_norm(ops, x, a, layer.r2.norm, False)[0]
-                a = _linear(ff.down, ff.act(_linear(ff.up, x)))
-                x = _add_norm(ops, x, a, layer.r3.norm, False)[0]
+                a = ops.self_step(*_unbiased(sa.qkv, x), ck, cv, t, scale, table)
+                x = ops.add_norm(x, *_unbiased(sa.out, a), *_norm(layer.r1.norm), False)[0]
+                a = ops.attend_step(_linear(ca.q, x), mk, mv, mask, state.beam, scale)
+                x = ops.add_norm(x, *_unbiased(ca.out, a), *_norm(layer.r2.norm), False)[0]
+                a = ff.act(_linear(ff.up, x))
+                x = ops.add_norm(x, *_unbiased(ff.down, a), *_norm(layer.r3.norm), False)[0]
         state.t += 1
         return _linear(self.output, h if pre else self.dec_norm(x))
 
