@@ -181,13 +181,12 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
         rank = torch.arange(n_cand)[None, :]
         ends = (tok == EOS) & finite & (rank < k) & live[:, None]
         length = t + 1                             # tokens including </s>
-        ended = ends.nonzero().tolist()
-        if ended:  # as Python lists once, not an indexing op per hypothesis
-            top_l, beam_l, hist_l, alive_l = top.tolist(), beam_of.tolist(), hist.tolist(), alive.tolist()
-            for i, r in ended:
-                raw = top_l[i][r]
-                hyp = Hypothesis(hist_l[i][beam_l[i][r]], raw, raw / length ** length_penalty)
-                src_i = alive_l[i]
+        ended = ends.nonzero()
+        if ended.numel():  # the ended ones' scores and tokens as Python lists once, not an op per hypothesis
+            e_i, e_r = ended[:, 0], ended[:, 1]
+            for raw, toks, src_i in zip(top[e_i, e_r].tolist(), hist[e_i, beam_of[e_i, e_r]].tolist(),
+                                        alive[e_i].tolist()):
+                hyp = Hypothesis(toks, raw, raw / length ** length_penalty)
                 f = finished[src_i]
                 f.append(hyp)
                 f.sort(key=lambda h: -h.score)

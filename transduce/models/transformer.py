@@ -147,12 +147,15 @@ def _gather_cache(state: "TransformerState", rows: torch.Tensor | None) -> None:
     """Cache buffers in hypothesis order (hypotheses `rows`, or all), from the table `state.rows`."""
     t = state.t
     table = state.rows[:, :t] if rows is None else state.rows.index_select(0, rows)[:, :t]
-    cols = torch.arange(t)
+    n = table.shape[0]
     cache = []
     for k, v in state.cache:
-        k2, v2 = k.new_empty((table.shape[0],) + k.shape[1:]), v.new_empty((table.shape[0],) + v.shape[1:])
-        k2[:, :, :t] = k[table, :, cols].transpose(1, 2)  # (rows, t, H, dh) -> (rows, H, t, dh)
-        v2[:, :, :t] = v[table, :, cols].transpose(1, 2)
+        _, h, tmax, dh = k.shape
+        # flat index of (row, head, position) in the (N, H, T_max, dh) buffers, one row of dh each
+        idx = (table[:, None, :] * (h * tmax) + torch.arange(h)[None, :, None] * tmax + torch.arange(t)).view(-1)
+        k2, v2 = k.new_empty((n, h, tmax, dh)), v.new_empty((n, h, tmax, dh))
+        k2[:, :, :t] = k.view(-1, dh).index_select(0, idx).view(n, h, t, dh)
+        v2[:, :, :t] = v.view(-1, dh).index_select(0, idx).view(n, h, t, dh)
         cache.append((k2, v2))
     state.cache, state.rows, state.spare = cache, None, None
 
