@@ -269,3 +269,30 @@ def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam):
     slow = run()
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(switched, slow, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style",
+                                  "encoder-mlm", "encoder-classifier-first-postnorm"])
+def test_encoder_on_kernels_same_as_modules(monkeypatch, name):
+    from conftest import make_model
+
+    import transduce.models.transformer as T
+
+    model = make_model(name)
+    torch.manual_seed(2)
+    src = torch.randint(3, 11, (4, 9))
+    src[1, 5:] = 0
+    src[2, 1:] = 0
+    calls = []
+    real = T.EncoderStack._kernel_encode
+    monkeypatch.setattr(T.EncoderStack, "_kernel_encode", lambda *a: calls.append(1) or real(*a))
+    graded = model.encode(src, src != 0).states  # with gradients: the modules' path
+    assert not calls and graded.requires_grad
+    with torch.no_grad():
+        fast = model.encode(src, src != 0).states
+        assert len(calls) == 1
+        monkeypatch.setattr(T, "kernels", NO_KERNELS)
+        slow = model.encode(src, src != 0).states
+    assert len(calls) == 1
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graded.detach(), slow)

@@ -203,10 +203,40 @@ class EncoderStack(EncoderDecoderModel):
         # src (B, S) ids; src_mask (B, S) True at real tokens
         assert src.shape == src_mask.shape and src.dim() == 2, (src.shape, src_mask.shape)
         x = self.src_embed(src)
+        if not self.training and not torch.is_grad_enabled() and x.device.type == "cpu" \
+                and x.dtype == torch.float32 and src_mask.dtype == torch.bool:
+            ops = kernels.ops()
+            if ops is not None:
+                return EncoderOutput(self._kernel_encode(ops, x, src_mask.contiguous()), src_mask)
         mask = src_mask[:, None, None, :]
         for layer in self.encoder:
             x = layer(x, mask)
         return EncoderOutput(self.enc_norm(x), src_mask)  # states (B, S, D)
+
+    def _kernel_encode(self, ops, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder layers for inference on the CPU kernels, on (B * S, D) rows: attention in one
+        pass per row and head, the output projections' biases, residual adds and LayerNorms in one
+        pass each (see Transformer._kernel_step). x (B, S, D) embedded; mask (B, S) bool."""
+        c = self.config
+        b, s, d = x.shape
+        heads, scale = c.heads, (d // c.heads) ** -0.5
+        layers = list(self.encoder)
+        pre = c.norm == "pre"
+        x = x.reshape(b * s, d)
+        h = F.layer_norm(x, (d,), *_norm(layers[0].r1.norm)) if pre else x
+        for i, layer in enumerate(layers):
+            a, ff = layer.attn, layer.ff
+            qkv = _linear(a.qkv, h).view(b, s, 3 * d)
+            q, k, v = (t.view(b, s, heads, d // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
+            o = ops.attend(q, k, v, mask, 1, False, scale).view(b * s, d)
+            if pre:
+                h, x = ops.add_norm(x, *_unbiased(a.out, o), *_norm(layer.r2.norm), True)
+                last = layers[i + 1].r1.norm if i + 1 < len(layers) else self.enc_norm
+                h, x = ops.add_norm(x, *_unbiased(ff.down, ff.act(_linear(ff.up, h))), *_norm(last), True)
+            else:
+                h = x = ops.add_norm(x, *_unbiased(a.out, o), *_norm(layer.r1.norm), False)[0]
+                h = x = ops.add_norm(x, *_unbiased(ff.down, ff.act(_linear(ff.up, h))), *_norm(layer.r2.norm), False)[0]
+        return (h if pre else self.enc_norm(x)).view(b, s, d)
 
     def init_pretrained(self, source, target) -> list[str]:
         """Load `model.init_encoder` (see models/bert.py); returns what was loaded, for the log."""
