@@ -365,6 +365,12 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         saved_step = state["step"]
 
     # -- loop -----------------------------------------------------------------
+    if dev_pairs and ctx.is_main:
+        # Dev evaluations decode on the CPU kernels: build (first time on this machine) and load
+        # them before the clock starts, not inside the first evaluation's share of the budget.
+        from transduce import kernels
+
+        kernels.ops()
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     from tqdm import tqdm
 
