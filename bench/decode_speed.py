@@ -1,15 +1,17 @@
 """Decoding speed on the G2P test set: transduce (PyTorch, float32 and int8) vs CTranslate2 (float32, int8)
 vs HF generate.
 
-    python bench/decode_speed.py --model runs/g2p [--threads 2] [--batch 200] [--limit 0] [--repeat 3]
+    python bench/decode_speed.py --model runs/g2p [--threads 2] [--workers 1] [--batch 200] [--limit 0] [--repeat 3]
 
 transduce and CTranslate2 run the same weights (exported with `transduce
 export`), with the same maximum lengths; "transduce int8" is `--quantize
 int8` (models/quantize.py). Hugging Face `generate` runs a BART
 of the same sizes; it cannot load our pre-norm weights, so each of its
 batches is made to produce exactly as many steps as our longest output in
-that batch (min/max_new_tokens), the same work per batch. Prints words/s and
-ratios; needs the `bench` extra.
+that batch (min/max_new_tokens), the same work per batch. With `--workers N`,
+transduce and CTranslate2 decode N batches at a time, each on threads / N
+threads (`decode.workers`; CTranslate2's inter_threads); HF runs one batch at
+a time on all threads. Prints words/s and ratios; needs the `bench` extra.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a trained transformer run directory")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="batches decoded at a time (transduce, CTranslate2)")
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--limit", type=int, default=0, help="use only this many test words (0 = all)")
     ap.add_argument("--skip-hf", action="store_true")
@@ -72,12 +75,14 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp, Steal() as steal:
         ct2 = {q: CT2Translator(export(run, f"{tmp}/{q}", None if q == "float32" else q),
-                                threads=args.threads, compute_type=q) for q in ("float32", "int8")}
+                                threads=args.threads, compute_type=q, workers=args.workers)
+               for q in ("float32", "int8")}
         for beam in (1, 5):
             # Each system runs `repeat` times, interleaved, and keeps its fastest: on a shared host a
             # slow spell then hits one round of every system rather than one system's only run.
             systems = [(name, (lambda r=r: [h[0].tokens for h in decode(r, words, beam=beam, nbest=1,
-                                                                        batch_size=args.batch)]))
+                                                                        batch_size=args.batch,
+                                                                        workers=args.workers)]))
                        for name, r in (("transduce float32", run), ("transduce int8", quantized))]
             systems += [(f"CTranslate2 {q}", (lambda tr=tr: [h[0] for h in tr.translate_ids(
                 src_ids, beam=beam, batch_size=args.batch, per_source_limit=False)])) for q, tr in ct2.items()]
@@ -96,7 +101,8 @@ def main():
                 dt = min(hf_generate(run, src_ids, [len(t) for t in ours], beam, args.batch)
                          for _ in range(args.repeat))
                 rows.append(("HF generate (BART, matched steps)", beam, n / dt, float("nan")))
-    print(f"{n} test words, batch {args.batch}, {args.threads} threads, fastest of {args.repeat} runs")
+    print(f"{n} test words, batch {args.batch}, {args.threads} threads, {args.workers} worker(s), "
+          f"fastest of {args.repeat} runs")
     print(steal.report())
     print("| system | beam | words/s | test WER % |")
     print("|---|---:|---:|---:|")

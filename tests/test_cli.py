@@ -66,6 +66,13 @@ def test_translate_keeps_order_and_empty_lines(run_dir):
     assert len(lines) == 5 and lines[4] == "" and lines[1] == "" and lines[0] == lines[3]
     nb = cli("translate", "--model", str(run_dir), "--beam", "3", "--nbest", "3", stdin="cat\n")
     assert len(nb.stdout.strip("\n").split("\t")) == 3
+    # several batches decoded two at a time: the same lines, in order
+    words = "cat\n\nphoneme\ndog\nbird\nfish\ntranscription\nxylophone\n"
+    one = cli("translate", "--model", str(run_dir), "--batch-size", "2", stdin=words)
+    two = cli("translate", "--model", str(run_dir), "--batch-size", "2", "--workers", "2", stdin=words)
+    assert two.stdout == one.stdout and len(one.stdout.split("\n")) == 9
+    bad = cli("translate", "--model", str(run_dir), "--workers", "0", stdin="cat\n", check=False)
+    assert bad.returncode != 0 and "--workers must be at least 1" in bad.stderr
 
 
 def test_translate_and_evaluate_in_int8(run_dir, tmp_path):

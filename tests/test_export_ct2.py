@@ -40,6 +40,12 @@ def test_ctranslate2_greedy_matches(tmp_path, name):
     assert ours == theirs
     # the text path too
     assert ct2.translate(sources[:5]) == [[run.target.decode(o)] for o in ours[:5]]
+    # two batches at a time, both engines: the same outputs, in input order
+    threads = torch.get_num_threads()
+    assert [h[0].tokens for h in decode(run, sources, beam=1, nbest=1, batch_size=16, workers=2)] == ours
+    assert torch.get_num_threads() == threads  # restored
+    two = CT2Translator(out, threads=2, workers=2)
+    assert [h[0] for h in two.translate_ids([run.source.encode(s) for s in sources], beam=1, batch_size=16)] == ours
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])

@@ -217,10 +217,16 @@ class DecodeConfig:
     max_len_a: float = 1.5           # max output length = a * source length + b
     max_len_b: int = 10
     batch_size: int = 200            # inputs per decoding batch
+    # Batches decoded at once, each on its own thread with torch threads / workers threads (as
+    # CTranslate2's inter_threads): one batch's small ops leave cores idle, so 2 workers on 2 cores
+    # decode a file faster than one batch on 2 threads (docs/benchmarks.md).
+    workers: int = 1
 
     def validate(self) -> None:
         if self.beam < 1 or self.nbest < 1 or self.nbest > self.beam:
             raise ValueError(f"need 1 <= nbest <= beam (beam={self.beam}, nbest={self.nbest})")
+        if self.workers < 1:
+            raise ValueError(f"decode.workers must be at least 1 (got {self.workers})")
 
 
 @dataclass

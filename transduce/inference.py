@@ -65,8 +65,12 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
 
 
 def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: int | None = None,
-           batch_size: int | None = None, model=None) -> list[list[Hypothesis]]:
-    """n-best hypotheses for each source, in input order. Empty sources give one empty output."""
+           batch_size: int | None = None, model=None, workers: int | None = None) -> list[list[Hypothesis]]:
+    """n-best hypotheses for each source, in input order. Empty sources give one empty output.
+
+    Sources are decoded in batches of similar length; `workers` (default `decode.workers`) batches
+    at a time, on threads sharing the model.
+    """
     model = model or run.model
     if not model.can_decode:
         from transduce.tasks import task_for
@@ -78,28 +82,57 @@ def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: i
     ids = [run.source.encode(s) for s in sources]
     out: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sources]
     todo = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: len(ids[i]))
-    for k in range(0, len(todo), batch_size):
-        idx = todo[k: k + batch_size]
+
+    def one(idx: list[int]) -> list[list[Hypothesis]]:
         src = pad([ids[i] for i in idx])
-        for i, hyps in zip(idx, search(model, src, src != PAD, cfg, beam, nbest)):
-            out[i] = hyps
+        return search(model, src, src != PAD, cfg, beam, nbest)
+
+    batches = [todo[k: k + batch_size] for k in range(0, len(todo), batch_size)]
+    for idx, hyps in zip(batches, in_workers(one, batches, workers or cfg.workers)):
+        for i, h in zip(idx, hyps):
+            out[i] = h
     return out
 
 
+def in_workers(fn, items: list, workers: int) -> list:
+    """[fn(x) for x in items], on `workers` threads that split torch's threads between them.
+
+    PyTorch releases the interpreter lock inside its ops, so the threads' tensor work runs in
+    parallel. torch's thread count is process-wide: it is divided while the workers run and
+    restored after.
+    """
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transduce import kernels
+
+    kernels.ops()  # loaded (built) once, before the threads
+    total = torch.get_num_threads()
+    torch.set_num_threads(max(1, total // workers))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="transduce-decode") as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(total)
+
+
 def translate(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: int | None = None,
-              batch_size: int | None = None, model=None) -> list[list[str]]:
+              batch_size: int | None = None, model=None, workers: int | None = None) -> list[list[str]]:
     return [[run.target.decode(h.tokens) for h in hyps]
-            for hyps in decode(run, sources, beam, nbest, batch_size, model)]
+            for hyps in decode(run, sources, beam, nbest, batch_size, model, workers)]
 
 
 def evaluate_pairs(run: LoadedRun, pairs, metrics: list[str], beam: int | None = None,
-                   batch_size: int | None = None, model=None) -> tuple[dict, list[str], list[str]]:
+                   batch_size: int | None = None, model=None, workers: int | None = None
+                   ) -> tuple[dict, list[str], list[str]]:
     """Metrics over `pairs` (targets of one source grouped as references)."""
     from transduce import metrics as M
 
     sources, refs = group_references(pairs)
     decoded = [m for m in metrics if m != "ppl"]
-    hyps = [h[0] for h in translate(run, sources, beam, 1, batch_size, model)] if decoded else []
+    hyps = [h[0] for h in translate(run, sources, beam, 1, batch_size, model, workers)] if decoded else []
     result = M.compute(decoded, hyps, refs) if decoded else {}
     if "ppl" in metrics:
         result["ppl"] = round(perplexity(run, pairs, model), 4)

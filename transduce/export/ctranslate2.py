@@ -12,6 +12,7 @@ scaled by sqrt(d_model) or not, with or without a LayerNorm after them
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def export(run, out_dir: str | Path, quantization: str | None = None) -> Path:
 class CT2Translator:
     """Decode with an exported CTranslate2 model, mirroring our search settings."""
 
-    def __init__(self, path: str | Path, threads: int = 0, compute_type: str = "default"):
+    def __init__(self, path: str | Path, threads: int = 0, compute_type: str = "default", workers: int = 1):
+        """`threads` in all (0: every core), split between `workers` batches decoded at once
+        (CTranslate2's inter_threads; intra_threads = threads / workers)."""
         _require()
         import ctranslate2
 
@@ -144,8 +147,11 @@ class CT2Translator:
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         self.source = TextCodec.from_dict(json.loads((path / "source_codec.json").read_text(encoding="utf-8")))
         self.target = TextCodec.from_dict(json.loads((path / "target_codec.json").read_text(encoding="utf-8")))
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1 (got {workers})")
+        intra = max(1, (threads or os.cpu_count() or 1) // workers)
         self.translator = ctranslate2.Translator(str(path), device="cpu", compute_type=compute_type,
-                                                 intra_threads=threads, inter_threads=1)
+                                                 intra_threads=intra, inter_threads=workers)
         self.decode_cfg = self.meta["decode"]
 
     def translate_ids(self, sources: list[list[int]], beam: int, nbest: int = 1, batch_size: int = 200,
@@ -164,15 +170,18 @@ class CT2Translator:
                 groups[-1].append(i)
             else:
                 groups.append([i])
+        pending = []  # submitted at once: the translator's workers (inter_threads) take them in turn
         for idx in groups:
             limit = max(1, min(int(a * max(len(sources[i]) for i in idx) + b),
                                self.meta.get("max_output_len", 1 << 30)))  # as our search: positions
-            results = self.translator.translate_batch(
+            pending.append((idx, self.translator.translate_batch(
                 [[ct2_symbol(t) for t in sources[i]] for i in idx], beam_size=beam, num_hypotheses=nbest,
                 max_decoding_length=limit, length_penalty=lp if beam > 1 else 0.0,
-                suppress_sequences=[[CT2_SPECIALS[0]], [CT2_SPECIALS[2]]], return_end_token=False)
+                suppress_sequences=[[CT2_SPECIALS[0]], [CT2_SPECIALS[2]]], return_end_token=False,
+                asynchronous=True)))
+        for idx, results in pending:
             for i, r in zip(idx, results):
-                out[i] = [[int(t) if t not in ("<unk>",) else 1 for t in hyp] for hyp in r.hypotheses]
+                out[i] = [[int(t) if t not in ("<unk>",) else 1 for t in hyp] for hyp in r.result().hypotheses]
         return out
 
     def translate(self, texts: list[str], beam: int = 1, nbest: int = 1, batch_size: int = 200) -> list[list[str]]:
