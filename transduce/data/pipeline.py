@@ -5,6 +5,8 @@ corpus costs a few bytes per token, not a Python object per token.
 """
 from __future__ import annotations
 
+import itertools
+
 import logging
 import random
 from collections import Counter, OrderedDict
@@ -220,11 +222,16 @@ class Batch:
 
 
 def pad(seqs: list, value: int = PAD) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
+    """(len(seqs), longest) int64 with each sequence (list or array of ids) left-aligned, `value` after."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    width = int(lengths.max())
+    if seqs and isinstance(seqs[0], np.ndarray):
+        flat = np.concatenate(seqs).astype(np.int64, copy=False)
+    else:  # one pass over Python ints, not a tensor per sequence
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    out = np.full((len(seqs), width), value, dtype=np.int64)
+    out[np.arange(width) < lengths[:, None]] = flat
+    return torch.from_numpy(out)
 
 
 def collate(data: EncodedPairs, index: list[int], key=None) -> Batch:
