@@ -3,14 +3,21 @@
 `attention.cpp` does a whole attention (scores, softmax, weighted values,
 merged heads) in one pass: a decoding step's attention is a few dozen keys
 per query, where PyTorch's batched matmuls spend most of their time setting
-up tiny products. Training keeps PyTorch's attention (a backward kernel of
-the same design ran no faster per training step: docs/benchmarks.md).
+up tiny products. Its `self_step` writes a decoding step's keys and values
+into the cache (adding their projection's bias) and attends in the same
+pass, reading beam search's cache through a table of ancestors rather than
+having it copied per step; `attend_step` takes a step's queries as (rows,
+d_model). `norm.cpp` adds a residual, a projection's bias and a LayerNorm in
+one pass. models/transformer.py's `_kernel_step` and `_kernel_encode` run
+inference on them. Training keeps PyTorch's ops (a backward attention
+kernel of the same design ran no faster per training step:
+docs/benchmarks.md).
 
-The kernel is built with PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
+The kernels are built with PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
-naming the source, the PyTorch version and the CPU. `make install` builds it
+naming the sources, the PyTorch version and the CPU. `make install` builds them
 (`python -m transduce.kernels`); without a compiler, or with
-`TRANSDUCE_KERNELS=0`, attention uses PyTorch's ops (and says so once).
+`TRANSDUCE_KERNELS=0`, inference uses PyTorch's ops (and says so once).
 """
 from __future__ import annotations
 
