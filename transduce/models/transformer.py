@@ -332,15 +332,14 @@ class Transformer(EncoderStack):
         x = F.embedding(tokens, e.tokens.weight)
         x = torch.add(pos, x, alpha=e.scale) if e.scale != 1.0 else x + pos
         if isinstance(e.norm, nn.LayerNorm):
-            x = F.layer_norm(x, e.norm.normalized_shape, e.norm.weight, e.norm.bias, e.norm.eps)
+            x = F.layer_norm(x, (c.d_model,), *_norm(e.norm))
         mask = state.src_mask.view(state.src_mask.shape[0], -1)
         scale = (c.d_model // c.heads) ** -0.5
         pre = c.norm == "pre"
         table = _NO_ROWS if state.rows is None else state.rows
         layers = list(self.decoder)
         if pre:
-            n = layers[0].r1.norm
-            h = F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
+            h = F.layer_norm(x, (c.d_model,), *_norm(layers[0].r1.norm))
         for i, (layer, (mk, mv), (ck, cv)) in enumerate(zip(layers, state.mem_kv, state.cache)):
             sa, ca, ff = layer.self_attn, layer.cross_attn, layer.ff
             # projections leave their biases to the kernel that reads their output (_unbiased)
