@@ -247,6 +247,7 @@ input_line = text.map(lambda s: s.replace("\n", " "))
 @given(lines=st.lists(input_line, max_size=10), crlf=st.booleans(), final_newline=st.booleans())
 @example(lines=["a\rb", "", "\x00", "x\u2028y", "", "\u2029\x85\x0b\x0c"], crlf=False, final_newline=True)
 @example(lines=["a\r", "\r", "", "b"], crlf=True, final_newline=False)
+@example(lines=["\r"], crlf=True, final_newline=False)  # a last line with no LF: its CR is text
 def test_read_inputs_keeps_every_line(tmp_path, monkeypatch, lines, crlf, final_newline):
     if not crlf:
         lines = [s + "x" if no_trailing_cr(s) is False else s for s in lines]

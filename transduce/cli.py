@@ -42,9 +42,9 @@ def _read_inputs(args) -> list[str]:
         line = data[: e.start].count(b"\n") + 1
         raise ValueError(f"<stdin>:{line}: invalid UTF-8") from None
     lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]  # one CRLF's CR; others are text
+    last = lines.pop()  # after the last LF: a line of its own unless empty; no LF ends it, so a CR there is text
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]  # one CRLF's CR; others are text
+    return lines + [last] if last else lines
 
 
 def _one_line(text: str) -> str:

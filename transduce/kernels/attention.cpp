@@ -3,7 +3,8 @@
 //
 // Decoding steps attend with one query per row against a few dozen keys; PyTorch does that as
 // batched matmuls of 1 x dh x T per head (about 1 us each of set-up), a scale, a mask fill, a
-// softmax and a merge copy. Here one task takes a memory row and head: it lays the keys out transposed, dh x T, in scratch, so that the scores of a query are
+// softmax and a merge copy. Here one task takes a memory row and head: it lays the keys out
+// transposed, dh x T, in scratch, so that the scores of a query are
 // dh vector multiply-adds across all keys at once, then serves every query that reads them (the
 // beams of a source, the positions of a sequence).
 //
@@ -257,17 +258,20 @@ at::Tensor attend_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 // A decoding step's self-attention with its key/value cache: qkv (N, 3 * H * dh) is the fused
 // projection of the new position (q, k, v in that order), to which `bias` (3 * H * dh, or empty)
-// is added here (so the projection can skip its own pass writing it); its k and v are written into the caches
-// ck, cv (N, H, T_max, dh) at position t, then q attends positions [0, t]. Returns (N, H * dh).
+// is added here (so the projection can skip its own pass writing it); its k and v are written
+// into the caches ck, cv (N, H, T_max, dh) at position t, then q attends positions [0, t].
+// Returns (N, H * dh).
 //
 // rows (N, T_max) int64, or an empty tensor: where a beam search keeps its cache. Position j < t
 // of hypothesis n then lies in cache row rows[n, j] (its ancestor at step j), so selecting beams
 // reorders this small table instead of copying the whole cache; the kernel sets rows[n, t] = n.
 template <int DH>
-void self_step_run(const float* src, int64_t src_row, const float* bias, float* kp, float* vp, const int64_t* cs, int64_t* table,
-                   int64_t table_row, int64_t n, int64_t h, int64_t dh_runtime, int64_t t, float scale, float* op) {
+void self_step_run(const float* src, int64_t src_row, const float* bias, float* kp, float* vp, const int64_t* cs,
+                   int64_t* table, int64_t table_row, int64_t n, int64_t h, int64_t dh_runtime, int64_t t, float scale,
+                   float* op) {
   const int64_t dh = DH > 0 ? DH : dh_runtime, d = h * dh;
-  at::parallel_for(0, n * h, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, (t + 1) * dh)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, (t + 1) * dh));
+  at::parallel_for(0, n * h, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> s(t + 1);
     std::vector<int64_t> at_(t + 1);  // offset of position j's key (and value) in the caches
     std::vector<float> qb(dh);
@@ -275,8 +279,9 @@ void self_step_run(const float* src, int64_t src_row, const float* bias, float* 
       const int64_t r = u / h, head = u % h;
       const float* __restrict__ in = src + r * src_row + head * dh;
       const int64_t own = r * cs[0] + head * cs[1];
-      float* __restrict__ kd = kp + own + t * cs[2];
-      float* __restrict__ vd = vp + own + t * cs[2];
+      // not restrict: position t is read back below, through the same caches
+      float* kd = kp + own + t * cs[2];
+      float* vd = vp + own + t * cs[2];
       const float* __restrict__ q = in;
       if (bias != nullptr) {
         const float* __restrict__ b = bias + head * dh;
@@ -350,8 +355,9 @@ at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& bias, const at::Te
   const int64_t table_row = indirect ? rows.stride(0) : 0;
   const float sc = static_cast<float>(scale);
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-#define SELF_STEP(DH) self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), bp, ck.data_ptr<float>(), \
-                                        cv.data_ptr<float>(), cs, table, table_row, n, h, dh, t, sc, out.data_ptr<float>())
+#define SELF_STEP(DH) \
+  self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), bp, ck.data_ptr<float>(), cv.data_ptr<float>(), cs, table, \
+                    table_row, n, h, dh, t, sc, out.data_ptr<float>())
   switch (dh) {
     case 32: SELF_STEP(32); break;
     case 64: SELF_STEP(64); break;
@@ -367,6 +373,7 @@ TORCH_LIBRARY(transduce, m) {
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, int group, bool causal, float scale) -> Tensor",
         &attend);
   m.def("attend_step(Tensor q, Tensor k, Tensor v, Tensor mask, int group, float scale) -> Tensor", &attend_step);
-  m.def("self_step(Tensor qkv, Tensor bias, Tensor(a!) ck, Tensor(b!) cv, int t, float scale, Tensor(c!) rows) -> Tensor",
+  m.def("self_step(Tensor qkv, Tensor bias, Tensor(a!) ck, Tensor(b!) cv, int t, float scale, Tensor(c!) rows) "
+        "-> Tensor",
         &self_step);
 }

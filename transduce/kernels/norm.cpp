@@ -85,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(transduce, m) {
-  m.def("add_norm(Tensor x, Tensor y, Tensor y_bias, Tensor weight, Tensor bias, float eps, bool keep_sum) -> (Tensor, Tensor)",
+  m.def("add_norm(Tensor x, Tensor y, Tensor y_bias, Tensor weight, Tensor bias, float eps, bool keep_sum) "
+        "-> (Tensor, Tensor)",
         &add_norm);
 }
