@@ -226,14 +226,21 @@ def test_add_norm_is_layer_norm_of_the_sum(keep_sum, y_bias):
 NO_KERNELS = type("NoKernels", (), {"ops": staticmethod(lambda: None)})
 
 
+# int8 copies: the kernel step fuses a feed-forward block (int8_ffn) where the modules' path runs
+# its layers one by one; the same arithmetic in another order, rounding to int8 in between
+INT8_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style"])
 @pytest.mark.parametrize("beam", [1, 3])
-def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam):
+@pytest.mark.parametrize("int8", [False, True])
+def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam, int8):
     from conftest import make_model
 
     import transduce.models.transformer as T
+    from transduce.models.quantize import quantize
 
-    model = make_model(name)
+    model = quantize(make_model(name)) if int8 else make_model(name)
     torch.manual_seed(1)
     src = torch.randint(3, 13, (5, 7))
     src[1, 4:] = 0
@@ -267,18 +274,21 @@ def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam):
     assert len(calls) == len(tokens)  # every step took the kernel path
     switched = run(switch_at=3)
     slow = run()
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(switched, slow, rtol=1e-4, atol=1e-4)
+    tol = INT8_TOL if int8 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, slow, **tol)
+    torch.testing.assert_close(switched, slow, **tol)
 
 
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style",
                                   "encoder-mlm", "encoder-classifier-first-postnorm"])
-def test_encoder_on_kernels_same_as_modules(monkeypatch, name):
+@pytest.mark.parametrize("int8", [False, True])
+def test_encoder_on_kernels_same_as_modules(monkeypatch, name, int8):
     from conftest import make_model
 
     import transduce.models.transformer as T
+    from transduce.models.quantize import quantize
 
-    model = make_model(name)
+    model = quantize(make_model(name)) if int8 else make_model(name)
     torch.manual_seed(2)
     src = torch.randint(3, 11, (4, 9))
     src[1, 5:] = 0
@@ -294,5 +304,67 @@ def test_encoder_on_kernels_same_as_modules(monkeypatch, name):
         monkeypatch.setattr(T, "kernels", NO_KERNELS)
         slow = model.encode(src, src != 0).states
     assert len(calls) == 1
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, slow, **(INT8_TOL if int8 else dict(rtol=1e-4, atol=1e-4)))
     torch.testing.assert_close(graded.detach(), slow)
+
+
+def int8_weights(n, k, g):
+    from torch import nn
+
+    from transduce.models.quantize import Int8Linear
+
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
+        lin.bias.copy_(torch.randn(n, generator=g))
+    return lin, Int8Linear(lin)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_kernel_is_the_pytorch_arithmetic(monkeypatch, bias):
+    # quantize rows, multiply in int8, scale back: the kernel and models/quantize.py's PyTorch ops
+    g = torch.Generator().manual_seed(3)
+    lin, q = int8_weights(24, 40, g)
+    x = torch.randn(9, 40, generator=g)
+    x[4] = 0  # a zero row quantizes to zeros (its scale is 0), not NaN
+    b = q.bias if bias else torch.empty(0)
+    fast = kernels.ops().int8_linear(x, q.qweight, q.scale, b)
+    monkeypatch.setitem(kernels._state, "ops", None)
+    slow = q(x) if bias else q.unbiased(x)[0]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast[4], b if bias else torch.zeros(24))
+    ref = x @ lin.weight.detach().T + (lin.bias.detach() if bias else 0)
+    err = (fast - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.02  # int8, so not exact, but within a few quanta
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_int8_ffn_is_up_activation_down(act):
+    from torch import nn
+
+    g = torch.Generator().manual_seed(4)
+    _, up = int8_weights(48, 16, g)
+    _, down = int8_weights(16, 48, g)
+    x = torch.randn(11, 16, generator=g)
+    fn = nn.ReLU() if act == "relu" else nn.GELU()
+    fast = kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, {"relu": 1, "gelu": 2}[act], down.qweight,
+                                  down.scale)
+    slow = down.unbiased(fn(up(x)))[0]  # layer by layer, the hidden layer stored as float32
+    torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-3)
+    with pytest.raises(RuntimeError, match="act must be"):
+        kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, 3, down.qweight, down.scale)
+    with pytest.raises(RuntimeError, match="weight must be int8"):
+        kernels.ops().int8_ffn(x, down.qweight, down.scale, down.bias, 1, up.qweight, up.scale)
+
+
+def test_gelu_of_the_ffn_kernel_is_exact_gelu():
+    # erf by a polynomial (Abramowitz and Stegun 7.1.26): GELU's erf form to float32's precision
+    from torch import nn
+
+    x = torch.linspace(-8, 8, 4001)[:, None]
+    eye = (torch.eye(1) * 127).to(torch.int8)
+    one = torch.full((1,), 1 / 127.0)
+    # up = identity with the row's own scale (x one value per row), GELU, down = identity
+    got = kernels.ops().int8_ffn(x, eye, one, torch.empty(0), 2, eye, one)
+    # each row's single value quantizes to +-127 exactly, so the result is GELU(x) quantized alike
+    assert torch.allclose(got, nn.GELU()(x), rtol=1e-5, atol=2e-6)

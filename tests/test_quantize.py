@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import make_model, random_batch, vocab_sizes
-from transduce.models.quantize import quantize
+from transduce.models.quantize import Int8Linear, quantize
 from transduce.search import beam_search, greedy
 
 
@@ -16,8 +16,9 @@ def test_quantized_copy_leaves_the_model_alone_and_keeps_tied_outputs_float():
     q = quantize(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    dynamic = [m for m in q.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert len(dynamic) == len(linears) - 1          # all but the output layer, tied to the embedding
+    int8 = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == len(linears) - 1          # all but the output layer, tied to the embedding
+    assert all(m.qweight.dtype == torch.int8 and m.qweight.abs().max() == 127 for m in int8)
     assert type(q.output) is nn.Linear and q.output.weight is q.tgt_embed.tokens.weight
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize(model, "int4")

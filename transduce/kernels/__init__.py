@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger("transduce")
 
-SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "norm.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "norm.cpp", "quant.cpp")]
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]

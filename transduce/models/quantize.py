@@ -1,20 +1,26 @@
 """int8 inference on CPU: a copy of a trained model whose linear layers multiply in int8.
 
-Weights are quantized once, per output channel; activations are quantized
-per call from their range (dynamic quantization, PyTorch's fbgemm kernels,
-which use AVX-512 VNNI where the CPU has it). Output layers whose weight is
-tied to an embedding stay in float32: they are small and the scores they
-produce rank the outputs. For decoding only; the copy cannot be trained.
+Weights are quantized once, per output channel (symmetric: the largest
+magnitude of a row maps to 127); activations are quantized per row at each
+call from their own largest magnitude, as CTranslate2 does. The product runs
+in int8 with int32 sums (`torch._int_mm`: oneDNN's AVX-512 VNNI kernels where
+the CPU has them), then is scaled back to float32. With the CPU kernels
+built, quantizing, multiplying and scaling back are one op
+(transduce/kernels/quant.cpp); otherwise PyTorch's ops do the same
+arithmetic. Output layers whose weight is tied to an embedding stay in
+float32: they are small and the scores they produce rank the outputs. For
+decoding only; the copy cannot be trained.
 """
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
 
 QUANTIZATIONS = ("int8",)
+
+_EMPTY = torch.empty(0)
 
 
 def _tied(model: nn.Module) -> set[int]:
@@ -22,21 +28,65 @@ def _tied(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float -> (int8 (M, K), scale (M,)) with x ~ q * scale[:, None]; a zero row gives zeros."""
+    top = x.abs().amax(1)
+    inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    return (x * inv[:, None]).round().to(torch.int8), top / 127.0
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear's inference in int8: y = dequantize(q(x) @ q(W)^T) + b.
+
+    qweight (out, in) int8 and scale (out,) hold the weight; bias stays
+    float32. `unbiased(x)` returns the product and the bias apart, for a
+    kernel that adds the bias in its own pass (models/transformer.py).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_rows(linear.weight.detach().float())
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, self.bias)
+
+    def unbiased(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._product(x, None), (_EMPTY if self.bias is None else self.bias)
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).float()
+        from transduce import kernels
+
+        ops = kernels.ops() if x.device.type == "cpu" else None
+        if ops is not None:
+            if x.stride(1) != 1:
+                x = x.contiguous()
+            y = ops.int8_linear(x, self.qweight, self.scale, _EMPTY if bias is None else bias)
+        else:
+            q, rows = quantize_rows(x)
+            y = torch._int_mm(q, self.qweight.t()).float() * (rows[:, None] * self.scale)
+            if bias is not None:
+                y = y + bias
+        return y.view(*lead, self.out_features)
+
+
 def quantize(model: nn.Module, kind: str = "int8") -> nn.Module:
     """A quantized copy of `model` (the model itself is left as it is)."""
     if kind not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {kind!r}; valid choices: {', '.join(QUANTIZATIONS)}")
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise ValueError("int8 quantization needs PyTorch's fbgemm engine (x86 CPUs)")
-    torch.backends.quantized.engine = "fbgemm"
-    tied = _tied(model)
-    names = {name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and id(m.weight) not in tied}
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # the eager-mode API warns that it moves to torchao
-        warnings.simplefilter("ignore")
-        out = quantize_dynamic(copy.deepcopy(model).eval(), {n: per_channel_dynamic_qconfig for n in names},
-                               inplace=True)
+    out = copy.deepcopy(model).eval()
+    tied = _tied(out)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and id(child.weight) not in tied:
+                setattr(parent, name, Int8Linear(child))
     out.quantization = kind
     return out

@@ -11,6 +11,7 @@ from torch import nn
 from transduce import kernels
 from transduce.models.base import EncoderDecoderModel, EncoderOutput
 from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights, reorder_cache
+from transduce.models.quantize import Int8Linear
 
 
 @dataclass
@@ -166,11 +167,28 @@ def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _unbiased(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T, b) for a plain nn.Linear, whose bias the next kernel adds in its own pass; (m(x), empty)
-    for other modules (int8 copies)."""
+    """(x W^T, b) for a plain nn.Linear or a module with `unbiased` (int8 copies), whose bias the
+    next kernel adds in its own pass; (m(x), empty) for other modules."""
     if type(m) is nn.Linear:
         return F.linear(x, m.weight), (_EMPTY if m.bias is None else m.bias)
+    if hasattr(m, "unbiased"):
+        return m.unbiased(x)
     return m(x), _EMPTY
+
+
+def _ffn(ops, ff: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down(act(up(x))) without down's bias, down's bias), for the next kernel to add. An int8 copy's
+    block is one kernel call (its hidden layer never stored as float32)."""
+    act = _ACTS.get((type(ff.act), getattr(ff.act, "approximate", "none")))
+    if type(ff.up) is Int8Linear and type(ff.down) is Int8Linear and act is not None:
+        up, down = ff.up, ff.down
+        y = ops.int8_ffn(x, up.qweight, up.scale, _EMPTY if up.bias is None else up.bias, act, down.qweight,
+                         down.scale)
+        return y, (_EMPTY if down.bias is None else down.bias)
+    return _unbiased(ff.down, ff.act(_linear(ff.up, x)))
+
+
+_ACTS = {(nn.ReLU, "none"): 1, (nn.GELU, "none"): 2}  # int8_ffn's activation codes
 
 
 def _norm(norm: nn.LayerNorm) -> tuple:
@@ -232,10 +250,10 @@ class EncoderStack(EncoderDecoderModel):
             if pre:
                 h, x = ops.add_norm(x, *_unbiased(a.out, o), *_norm(layer.r2.norm), True)
                 last = layers[i + 1].r1.norm if i + 1 < len(layers) else self.enc_norm
-                h, x = ops.add_norm(x, *_unbiased(ff.down, ff.act(_linear(ff.up, h))), *_norm(last), True)
+                h, x = ops.add_norm(x, *_ffn(ops, ff, h), *_norm(last), True)
             else:
                 h = x = ops.add_norm(x, *_unbiased(a.out, o), *_norm(layer.r1.norm), False)[0]
-                h = x = ops.add_norm(x, *_unbiased(ff.down, ff.act(_linear(ff.up, h))), *_norm(layer.r2.norm), False)[0]
+                h = x = ops.add_norm(x, *_ffn(ops, ff, h), *_norm(layer.r2.norm), False)[0]
         return (h if pre else self.enc_norm(x)).view(b, s, d)
 
     def init_pretrained(self, source, target) -> list[str]:
@@ -348,16 +366,14 @@ class Transformer(EncoderStack):
                 h, x = ops.add_norm(x, *_unbiased(sa.out, a), *_norm(layer.r2.norm), True)
                 a = ops.attend_step(_linear(ca.q, h), mk, mv, mask, state.beam, scale)
                 h, x = ops.add_norm(x, *_unbiased(ca.out, a), *_norm(layer.r3.norm), True)
-                a = ff.act(_linear(ff.up, h))
                 last = layers[i + 1].r1.norm if i + 1 < len(layers) else self.dec_norm
-                h, x = ops.add_norm(x, *_unbiased(ff.down, a), *_norm(last), True)
+                h, x = ops.add_norm(x, *_ffn(ops, ff, h), *_norm(last), True)
             else:
                 a = ops.self_step(*_unbiased(sa.qkv, x), ck, cv, t, scale, table)
                 x = ops.add_norm(x, *_unbiased(sa.out, a), *_norm(layer.r1.norm), False)[0]
                 a = ops.attend_step(_linear(ca.q, x), mk, mv, mask, state.beam, scale)
                 x = ops.add_norm(x, *_unbiased(ca.out, a), *_norm(layer.r2.norm), False)[0]
-                a = ff.act(_linear(ff.up, x))
-                x = ops.add_norm(x, *_unbiased(ff.down, a), *_norm(layer.r3.norm), False)[0]
+                x = ops.add_norm(x, *_ffn(ops, ff, x), *_norm(layer.r3.norm), False)[0]
         state.t += 1
         return _linear(self.output, h if pre else self.dec_norm(x))
 

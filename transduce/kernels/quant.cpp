@@ -1,0 +1,170 @@
+// int8 linear layers for CPU inference: y = x W^T (+ b), W quantized once per output channel, x
+// quantized per row at each call, the product in int8 with int32 sums (at::_int_mm: oneDNN's
+// VNNI kernels where the CPU has them, 2-4x float32's matmul at decoding sizes).
+//
+// Quantizing and scaling back are passes over memory, which on small rows cost as much as the
+// product saves; so they are fused: `int8_linear` quantizes, multiplies and scales back (plus
+// bias) in one call, and `int8_ffn` runs a feed-forward block, up -> bias + activation ->
+// down, with the hidden layer going from int32 sums to int8 row by row in cache, never stored
+// as float32.
+//
+//   x        (M, K) float32, rows contiguous
+//   w        (N, K) int8 contiguous: round(W / w_scale), |w| <= 127
+//   w_scale  (N,) float32: max |W[n, :]| / 127
+//   bias     (N,) float32 or empty
+//   act      0: none, 1: ReLU, 2: GELU (erf form)
+//
+// Per row: s = max|x| / 127, q = round(x * (127 / max|x|)) (half to even; a zero row gives zeros);
+// y[m, n] = acc[m, n] * (s[m] * w_scale[n]) + bias[n]. models/quantize.py does the same with
+// PyTorch's ops where the kernels are not built.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2 };
+
+int64_t grain_for(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width)); }
+
+// Quantize one row of k floats into o; returns its scale.
+inline float quantize_row(const float* __restrict__ a, int64_t k, int8_t* __restrict__ o) {
+  float top = 0.f;
+#pragma omp simd reduction(max : top)
+  for (int64_t i = 0; i < k; ++i) top = std::max(top, std::fabs(a[i]));
+  const float inv = top > 0.f ? 127.f / top : 0.f;
+#pragma omp simd
+  for (int64_t i = 0; i < k; ++i) o[i] = static_cast<int8_t>(std::nearbyint(a[i] * inv));
+  return top / 127.f;
+}
+
+// erf by Abramowitz and Stegun 7.1.26 (absolute error under 1.5e-7, float32's resolution near 1):
+// one exp and one division, both vectorised, where erff is a scalar call.
+inline float gelu(float x) {
+  const float z = x * 0.70710678f;
+  const float az = std::fabs(z);
+  const float t = 1.f / (1.f + 0.3275911f * az);
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float e = 1.f - poly * std::exp(-az * az);  // erf(|z|)
+  return 0.5f * x * (1.f + (z < 0.f ? -e : e));
+}
+
+void check_weight(const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias, int64_t k, const char* what) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.size(1) == k && w.is_contiguous(), what,
+              ": weight must be int8 (N, K) contiguous with K = the input's width");
+  const int64_t n = w.size(0);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == n && w_scale.is_contiguous(), what,
+              ": weight scale must be float32 (N,)");
+  TORCH_CHECK(!bias.defined() || !bias.numel() ||
+                  (bias.scalar_type() == at::kFloat && bias.numel() == n && bias.is_contiguous()),
+              what, ": bias must be float32 (N,) or empty");
+}
+
+void check_input(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, what,
+              ": input must be float32 (M, K) on the CPU with contiguous rows");
+}
+
+// (q (M, K) int8, row scales (M,))
+std::pair<at::Tensor, at::Tensor> quantize(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1);
+  auto q = at::empty({m, k}, x.options().dtype(at::kChar));
+  auto scale = at::empty({m}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  at::parallel_for(0, m, grain_for(k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) sp[r] = quantize_row(xp + r * xs, k, qp + r * k);
+  });
+  return {q, scale};
+}
+
+// Row r of acc scaled back: o = acc * (s * ws) + bias, then the activation.
+inline void dequantize_row(const int32_t* __restrict__ a, float s, const float* __restrict__ ws,
+                           const float* __restrict__ bias, int64_t n, int64_t act, float* __restrict__ o) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * (s * ws[j]) + bias[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * (s * ws[j]);
+  }
+  if (act == kRelu) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = std::max(o[j], 0.f);
+  } else if (act == kGelu) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = gelu(o[j]);
+  }
+}
+
+const float* maybe(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias) {
+  check_input(x, "int8_linear");
+  check_weight(w, w_scale, bias, x.size(1), "int8_linear");
+  const int64_t m = x.size(0), n = w.size(0);
+  auto [q, rs] = quantize(x);
+  const at::Tensor acc = at::_int_mm(q, w.t());  // (M, N) int32
+  auto out = at::empty({m, n}, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sp = rs.data_ptr<float>();
+  const float* ws = w_scale.data_ptr<float>();
+  const float* bp = maybe(bias);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, m, grain_for(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) dequantize_row(ap + r * n, sp[r], ws, bp, n, kNone, op + r * n);
+  });
+  return out;
+}
+
+// down(act(up(x) + up_bias)), without down's bias (the next kernel adds it): (M, D) float32.
+at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& b1,
+                    int64_t act, const at::Tensor& w2, const at::Tensor& s2) {
+  check_input(x, "int8_ffn");
+  check_weight(w1, s1, b1, x.size(1), "int8_ffn (up)");
+  const int64_t m = x.size(0), f = w1.size(0), d = w2.size(0);
+  check_weight(w2, s2, at::Tensor(), f, "int8_ffn (down)");
+  TORCH_CHECK(act == kNone || act == kRelu || act == kGelu, "int8_ffn: act must be 0, 1 or 2");
+  auto [q, rs] = quantize(x);
+  const at::Tensor acc = at::_int_mm(q, w1.t());  // (M, F) int32
+  // the hidden layer: int32 sums -> float32 + bias -> activation -> int8, one row at a time in cache
+  auto hq = at::empty({m, f}, q.options());
+  auto hs = at::empty({m}, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sp = rs.data_ptr<float>();
+  const float* ws = s1.data_ptr<float>();
+  const float* bp = maybe(b1);
+  int8_t* hp = hq.data_ptr<int8_t>();
+  float* hsp = hs.data_ptr<float>();
+  at::parallel_for(0, m, grain_for(f), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(f);
+    for (int64_t r = begin; r < end; ++r) {
+      dequantize_row(ap + r * f, sp[r], ws, bp, f, act, row.data());
+      hsp[r] = quantize_row(row.data(), f, hp + r * f);
+    }
+  });
+  const at::Tensor acc2 = at::_int_mm(hq, w2.t());  // (M, D) int32
+  auto out = at::empty({m, d}, x.options());
+  const int32_t* a2 = acc2.data_ptr<int32_t>();
+  const float* ws2 = s2.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, m, grain_for(d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) dequantize_row(a2 + r * d, hsp[r], ws2, nullptr, d, kNone, op + r * d);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(transduce, m) {
+  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor bias) -> Tensor", &int8_linear);
+  m.def("int8_ffn(Tensor x, Tensor w1, Tensor s1, Tensor b1, int act, Tensor w2, Tensor s2) -> Tensor", &int8_ffn);
+}
