@@ -325,7 +325,7 @@ def test_int8_linear_kernel_is_the_pytorch_arithmetic(monkeypatch, bias):
     # quantize rows, multiply in int8, scale back: the kernel and models/quantize.py's PyTorch ops
     g = torch.Generator().manual_seed(3)
     lin, q = int8_weights(24, 40, g)
-    x = torch.randn(9, 40, generator=g)
+    x = torch.randn(300, 40, generator=g)  # more rows than a block (128)
     x[4] = 0  # a zero row quantizes to zeros (its scale is 0), not NaN
     b = q.bias if bias else torch.empty(0)
     fast = kernels.ops().int8_linear(x, q.qweight, q.scale, b)
@@ -345,7 +345,7 @@ def test_int8_ffn_is_up_activation_down(act):
     g = torch.Generator().manual_seed(4)
     _, up = int8_weights(48, 16, g)
     _, down = int8_weights(16, 48, g)
-    x = torch.randn(11, 16, generator=g)
+    x = torch.randn(300, 16, generator=g)  # rows in blocks of 128, the last one short
     fn = nn.ReLU() if act == "relu" else nn.GELU()
     fast = kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, {"relu": 1, "gelu": 2}[act], down.qweight,
                                   down.scale)
@@ -355,6 +355,20 @@ def test_int8_ffn_is_up_activation_down(act):
         kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, 3, down.qweight, down.scale)
     with pytest.raises(RuntimeError, match="weight must be int8"):
         kernels.ops().int8_ffn(x, down.qweight, down.scale, down.bias, 1, up.qweight, up.scale)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("rows", [1, 128, 300])
+def test_float_ffn_is_up_activation_down(act, rows):
+    from transduce.models.layers import FeedForward
+
+    torch.manual_seed(rows)
+    ff = FeedForward(16, 48, 0.0, act)  # parameters that require gradients, as a model's do
+    x = torch.randn(rows, 16)
+    with torch.no_grad():
+        fast = kernels.ops().ffn(x, ff.up.weight, ff.up.bias, {"relu": 1, "gelu": 2}[act], ff.down.weight)
+        slow = ff(x) - ff.down.bias
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
 def test_gelu_of_the_ffn_kernel_is_exact_gelu():

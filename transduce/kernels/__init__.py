@@ -8,7 +8,9 @@ into the cache (adding their projection's bias) and attends in the same
 pass, reading beam search's cache through a table of ancestors rather than
 having it copied per step; `attend_step` takes a step's queries as (rows,
 d_model). `norm.cpp` adds a residual, a projection's bias and a LayerNorm in
-one pass. models/transformer.py's `_kernel_step` and `_kernel_encode` run
+one pass. `linear.cpp` runs a feed-forward block in row blocks whose hidden
+layer stays in the core's cache, and int8 linear layers (models/quantize.py):
+rows quantized, multiplied by `torch._int_mm` and scaled back in one call. models/transformer.py's `_kernel_step` and `_kernel_encode` run
 inference on them. Training keeps PyTorch's ops (a backward attention
 kernel of the same design ran no faster per training step:
 docs/benchmarks.md).
@@ -31,7 +33,7 @@ import torch
 
 log = logging.getLogger("transduce")
 
-SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "norm.cpp", "quant.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "norm.cpp", "linear.cpp")]
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]

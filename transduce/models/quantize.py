@@ -18,6 +18,8 @@ import copy
 import torch
 from torch import nn
 
+from transduce import kernels
+
 QUANTIZATIONS = ("int8",)
 
 _EMPTY = torch.empty(0)
@@ -41,6 +43,9 @@ class Int8Linear(nn.Module):
     qweight (out, in) int8 and scale (out,) hold the weight; bias stays
     float32. `unbiased(x)` returns the product and the bias apart, for a
     kernel that adds the bias in its own pass (models/transformer.py).
+    `packed` holds (qweight, scale, bias or an empty tensor) as a plain
+    attribute: the kernel paths read it once per call, where a buffer
+    goes through nn.Module's attribute lookup.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -50,6 +55,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self._pack()
+
+    def _pack(self):
+        self.packed = (self.qweight, self.scale, _EMPTY if self.bias is None else self.bias)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cpu(), ...: the buffers are new tensors
+        out = super()._apply(fn, *args, **kwargs)
+        self._pack()
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -63,8 +77,6 @@ class Int8Linear(nn.Module):
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float()
-        from transduce import kernels
-
         ops = kernels.ops() if x.device.type == "cpu" else None
         if ops is not None:
             if x.stride(1) != 1:

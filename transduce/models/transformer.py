@@ -162,29 +162,40 @@ def _gather_cache(state: "TransformerState", rows: torch.Tensor | None) -> None:
 
 
 def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x), without the module call's overhead for a plain nn.Linear (int8 copies are other modules)."""
-    return F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
+    """m(x) for x (rows, in) float32, without the module call's overhead for an nn.Linear or an int8
+    copy's Int8Linear (models/quantize.py)."""
+    t = type(m)
+    if t is nn.Linear:
+        return F.linear(x, m.weight, m.bias)
+    if t is Int8Linear:
+        return kernels.ops().int8_linear(x, *m.packed)
+    return m(x)
 
 
 def _unbiased(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T, b) for a plain nn.Linear or a module with `unbiased` (int8 copies), whose bias the
-    next kernel adds in its own pass; (m(x), empty) for other modules."""
-    if type(m) is nn.Linear:
+    """(x W^T, b) for an nn.Linear or an Int8Linear, whose bias the next kernel adds in its own pass;
+    (m(x), empty) for other modules."""
+    t = type(m)
+    if t is nn.Linear:
         return F.linear(x, m.weight), (_EMPTY if m.bias is None else m.bias)
-    if hasattr(m, "unbiased"):
-        return m.unbiased(x)
+    if t is Int8Linear:
+        w, scale, bias = m.packed
+        return kernels.ops().int8_linear(x, w, scale, _EMPTY), bias
     return m(x), _EMPTY
 
 
 def _ffn(ops, ff: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down(act(up(x))) without down's bias, down's bias), for the next kernel to add. An int8 copy's
-    block is one kernel call (its hidden layer never stored as float32)."""
-    act = _ACTS.get((type(ff.act), getattr(ff.act, "approximate", "none")))
-    if type(ff.up) is Int8Linear and type(ff.down) is Int8Linear and act is not None:
-        up, down = ff.up, ff.down
-        y = ops.int8_ffn(x, up.qweight, up.scale, _EMPTY if up.bias is None else up.bias, act, down.qweight,
-                         down.scale)
-        return y, (_EMPTY if down.bias is None else down.bias)
+    """(down(act(up(x))) without down's bias, down's bias), for the next kernel to add: one kernel
+    call, in row blocks whose hidden layer stays in cache (an int8 copy's as int8)."""
+    up, down, act = ff.up, ff.down, ff.act
+    code = _ACTS.get((type(act), getattr(act, "approximate", "none")))
+    if code is not None and type(up) is type(down):
+        if type(up) is nn.Linear:
+            return (ops.ffn(x, up.weight, _EMPTY if up.bias is None else up.bias, code, down.weight),
+                    _EMPTY if down.bias is None else down.bias)
+        if type(up) is Int8Linear:
+            (w1, s1, b1), (w2, s2, b2) = up.packed, down.packed
+            return ops.int8_ffn(x, w1, s1, b1, code, w2, s2), b2
     return _unbiased(ff.down, ff.act(_linear(ff.up, x)))
 
 

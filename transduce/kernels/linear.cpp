@@ -20,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -30,8 +31,6 @@
 namespace {
 
 enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2 };
-
-int64_t grain_for(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width)); }
 
 // Quantize one row of k floats into o; returns its scale.
 inline float quantize_row(const float* __restrict__ a, int64_t k, int8_t* __restrict__ o) {
@@ -71,19 +70,19 @@ void check_input(const at::Tensor& x, const char* what) {
               ": input must be float32 (M, K) on the CPU with contiguous rows");
 }
 
-// (q (M, K) int8, row scales (M,))
-std::pair<at::Tensor, at::Tensor> quantize(const at::Tensor& x) {
-  const int64_t m = x.size(0), k = x.size(1);
-  auto q = at::empty({m, k}, x.options().dtype(at::kChar));
-  auto scale = at::empty({m}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  const int64_t xs = x.stride(0);
-  at::parallel_for(0, m, grain_for(k), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) sp[r] = quantize_row(xp + r * xs, k, qp + r * k);
-  });
-  return {q, scale};
+// o = act(o + bias) in place (bias may be null)
+inline void activate_row(float* __restrict__ o, const float* __restrict__ bias, int64_t n, int64_t act) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] += bias[j];
+  }
+  if (act == kRelu) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = std::max(o[j], 0.f);
+  } else if (act == kGelu) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = gelu(o[j]);
+  }
 }
 
 // Row r of acc scaled back: o = acc * (s * ws) + bias, then the activation.
@@ -96,31 +95,39 @@ inline void dequantize_row(const int32_t* __restrict__ a, float s, const float* 
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(a[j]) * (s * ws[j]);
   }
-  if (act == kRelu) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) o[j] = std::max(o[j], 0.f);
-  } else if (act == kGelu) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) o[j] = gelu(o[j]);
-  }
+  activate_row(o, nullptr, n, act);
 }
 
 const float* maybe(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
 
+// Rows go through in blocks of kBlock, each block's whole computation on one thread: the int32
+// sums and the hidden layer of a block stay in that core's cache (the host's caches are small:
+// streaming a (2000, 512) int32 product through memory cost more than the product).
+constexpr int64_t kBlock = 128;
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias) {
   check_input(x, "int8_linear");
   check_weight(w, w_scale, bias, x.size(1), "int8_linear");
-  const int64_t m = x.size(0), n = w.size(0);
-  auto [q, rs] = quantize(x);
-  const at::Tensor acc = at::_int_mm(q, w.t());  // (M, N) int32
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   auto out = at::empty({m, n}, x.options());
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* sp = rs.data_ptr<float>();
+  const at::Tensor wt = w.t();
+  const float* xp = x.data_ptr<float>();
   const float* ws = w_scale.data_ptr<float>();
   const float* bp = maybe(bias);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, m, grain_for(n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) dequantize_row(ap + r * n, sp[r], ws, bp, n, kNone, op + r * n);
+  const int64_t xs = x.stride(0);
+  const int64_t blocks = (m + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    auto q = at::empty({kBlock, k}, x.options().dtype(at::kChar));
+    float scale[kBlock];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kBlock, rows = std::min(kBlock, m - r0);
+      int8_t* qp = q.data_ptr<int8_t>();
+      for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(xp + (r0 + r) * xs, k, qp + r * k);
+      const at::Tensor acc = at::_int_mm(q.narrow(0, 0, rows), wt);  // (rows, N) int32
+      const int32_t* ap = acc.data_ptr<int32_t>();
+      for (int64_t r = 0; r < rows; ++r) dequantize_row(ap + r * n, scale[r], ws, bp, n, kNone, op + (r0 + r) * n);
+    }
   });
   return out;
 }
@@ -130,34 +137,70 @@ at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
                     int64_t act, const at::Tensor& w2, const at::Tensor& s2) {
   check_input(x, "int8_ffn");
   check_weight(w1, s1, b1, x.size(1), "int8_ffn (up)");
-  const int64_t m = x.size(0), f = w1.size(0), d = w2.size(0);
+  const int64_t m = x.size(0), k = x.size(1), f = w1.size(0), d = w2.size(0);
   check_weight(w2, s2, at::Tensor(), f, "int8_ffn (down)");
   TORCH_CHECK(act == kNone || act == kRelu || act == kGelu, "int8_ffn: act must be 0, 1 or 2");
-  auto [q, rs] = quantize(x);
-  const at::Tensor acc = at::_int_mm(q, w1.t());  // (M, F) int32
-  // the hidden layer: int32 sums -> float32 + bias -> activation -> int8, one row at a time in cache
-  auto hq = at::empty({m, f}, q.options());
-  auto hs = at::empty({m}, x.options());
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* sp = rs.data_ptr<float>();
-  const float* ws = s1.data_ptr<float>();
-  const float* bp = maybe(b1);
-  int8_t* hp = hq.data_ptr<int8_t>();
-  float* hsp = hs.data_ptr<float>();
-  at::parallel_for(0, m, grain_for(f), [&](int64_t begin, int64_t end) {
-    std::vector<float> row(f);
-    for (int64_t r = begin; r < end; ++r) {
-      dequantize_row(ap + r * f, sp[r], ws, bp, f, act, row.data());
-      hsp[r] = quantize_row(row.data(), f, hp + r * f);
-    }
-  });
-  const at::Tensor acc2 = at::_int_mm(hq, w2.t());  // (M, D) int32
   auto out = at::empty({m, d}, x.options());
-  const int32_t* a2 = acc2.data_ptr<int32_t>();
+  const at::Tensor w1t = w1.t(), w2t = w2.t();
+  const float* xp = x.data_ptr<float>();
+  const float* ws1 = s1.data_ptr<float>();
+  const float* bp1 = maybe(b1);
   const float* ws2 = s2.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, m, grain_for(d), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) dequantize_row(a2 + r * d, hsp[r], ws2, nullptr, d, kNone, op + r * d);
+  const int64_t xs = x.stride(0);
+  const int64_t blocks = (m + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    auto q = at::empty({kBlock, k}, x.options().dtype(at::kChar));
+    auto hq = at::empty({kBlock, f}, x.options().dtype(at::kChar));
+    std::vector<float> hidden(f);
+    float scale[kBlock], hscale[kBlock];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kBlock, rows = std::min(kBlock, m - r0);
+      int8_t* qp = q.data_ptr<int8_t>();
+      for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(xp + (r0 + r) * xs, k, qp + r * k);
+      const at::Tensor acc = at::_int_mm(q.narrow(0, 0, rows), w1t);  // (rows, F) int32
+      // the hidden layer: int32 sums -> float32 + bias -> activation -> int8, a row at a time
+      const int32_t* ap = acc.data_ptr<int32_t>();
+      int8_t* hp = hq.data_ptr<int8_t>();
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(ap + r * f, scale[r], ws1, bp1, f, act, hidden.data());
+        hscale[r] = quantize_row(hidden.data(), f, hp + r * f);
+      }
+      const at::Tensor acc2 = at::_int_mm(hq.narrow(0, 0, rows), w2t);  // (rows, D) int32
+      const int32_t* a2 = acc2.data_ptr<int32_t>();
+      for (int64_t r = 0; r < rows; ++r) dequantize_row(a2 + r * d, hscale[r], ws2, nullptr, d, kNone, op + (r0 + r) * d);
+    }
+  });
+  return out;
+}
+
+// The float32 block: down(act(x up^T + up_bias)) without down's bias, in row blocks as above (the
+// hidden layer of a block never leaves the core's cache; PyTorch stores it whole, twice: before
+// and after the activation).
+at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, int64_t act, const at::Tensor& w2) {
+  check_input(x, "ffn");
+  const int64_t m = x.size(0), k = x.size(1), f = w1.size(0), d = w2.size(0);
+  TORCH_CHECK(w1.scalar_type() == at::kFloat && w1.dim() == 2 && w1.size(1) == k && w2.scalar_type() == at::kFloat &&
+                  w2.dim() == 2 && w2.size(1) == f,
+              "ffn: weights must be float32 (F, K) and (D, F) with K = the input's width");
+  TORCH_CHECK(!b1.defined() || !b1.numel() || (b1.scalar_type() == at::kFloat && b1.numel() == f && b1.is_contiguous()),
+              "ffn: bias must be float32 (F,) or empty");
+  TORCH_CHECK(act == kNone || act == kRelu || act == kGelu, "ffn: act must be 0, 1 or 2");
+  auto out = at::empty({m, d}, x.options());
+  // detached: the worker threads run with autograd's default (enabled) mode, and out= ops refuse
+  // inputs that require gradients
+  const at::Tensor xd = x.detach(), w1t = w1.detach().t(), w2t = w2.detach().t();
+  const float* bp1 = maybe(b1);
+  const int64_t blocks = (m + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1_) {
+    for (int64_t blk = b0; blk < b1_; ++blk) {
+      const int64_t r0 = blk * kBlock, rows = std::min(kBlock, m - r0);
+      at::Tensor h = at::mm(xd.narrow(0, r0, rows), w1t);  // (rows, F)
+      float* hp = h.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) activate_row(hp + r * f, bp1, f, act);
+      at::Tensor dst = out.narrow(0, r0, rows);
+      at::mm_out(dst, h, w2t);
+    }
   });
   return out;
 }
@@ -166,5 +209,6 @@ at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(transduce, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor bias) -> Tensor", &int8_linear);
+  m.def("ffn(Tensor x, Tensor w1, Tensor b1, int act, Tensor w2) -> Tensor", &ffn);
   m.def("int8_ffn(Tensor x, Tensor w1, Tensor s1, Tensor b1, int act, Tensor w2, Tensor s2) -> Tensor", &int8_ffn);
 }
