@@ -160,18 +160,21 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
     g = torch.Generator().manual_seed(4)
     n, h, dh, tmax, t = 6, 4, 16, 9, 5
     d = h * dh
-    ck, cv = torch.randn(2, n, h, tmax, dh, generator=g)
+    # through a table, the cache may have more rows than hypotheses (sources dropped from a search)
+    cache_rows = n + 3 if indirect else n
+    ck, cv = torch.randn(2, cache_rows, h, tmax, dh, generator=g)
     before_k, before_v = ck.clone(), cv.clone()
     fused = torch.randn(n, 4 * d, generator=g)
     qkv = fused[:, d:]                     # strided rows, as a slice of a wider projection
     # beam search's table: position j < t of hypothesis r lies in cache row rows[r, j]
-    rows = torch.randint(0, n, (n, tmax), generator=g) if indirect else torch.empty(0, dtype=torch.long)
+    rows = torch.randint(0, cache_rows, (n, tmax), generator=g) if indirect else torch.empty(0, dtype=torch.long)
     bias = torch.randn(3 * d, generator=g)
     out = kernels.ops().self_step(qkv, bias, ck, cv, t, dh ** -0.5, rows)
     q, k, v = (x.view(n, 1, h, dh).transpose(1, 2) for x in (qkv + bias).split(d, 1))
-    torch.testing.assert_close(ck[:, :, t:t + 1], k)
-    torch.testing.assert_close(cv[:, :, t:t + 1], v)
-    # only position t changed
+    torch.testing.assert_close(ck[:n, :, t:t + 1], k)
+    torch.testing.assert_close(cv[:n, :, t:t + 1], v)
+    # only position t of the hypotheses' own rows changed
+    assert torch.equal(ck[n:], before_k[n:]) and torch.equal(cv[n:], before_v[n:])
     keep = torch.ones(tmax, dtype=torch.bool)
     keep[t] = False
     assert torch.equal(ck[:, :, keep], before_k[:, :, keep]) and torch.equal(cv[:, :, keep], before_v[:, :, keep])
@@ -180,7 +183,9 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
         cols = torch.arange(t + 1)
         keys = ck[rows[:, : t + 1], :, cols].transpose(1, 2)
         values = cv[rows[:, : t + 1], :, cols].transpose(1, 2)
-        assert not torch.equal(keys, ck[:, :, : t + 1])
+        assert not torch.equal(keys, ck[:n, :, : t + 1])
+        with pytest.raises(RuntimeError, match="must be as many"):  # no table: one row per hypothesis
+            kernels.ops().self_step(qkv, bias, ck, cv, t, 1.0, torch.empty(0, dtype=torch.long))
     else:
         keys, values = ck[:, :, : t + 1], cv[:, :, : t + 1]
     want = reference(q, keys, values, None, 1, False)
@@ -245,26 +250,30 @@ def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam, in
     src = torch.randint(3, 13, (5, 7))
     src[1, 4:] = 0
     src[3, 2:] = 0
-    tokens = torch.randint(3, 11, (6, 5 * beam))
+    tokens = torch.randint(3, 11, (8, 5 * beam))
     order = torch.randperm(5 * beam)
+    after = torch.randperm(3 * beam)  # beam selection among the sources left
 
     def run(switch_at=None):
-        """Steps as search takes them: beams reordered, then two sources dropped. With `switch_at`,
-        the kernels go away after that many steps (the cache leaves the kernels' table)."""
+        """Steps as search takes them: beams reordered, two sources dropped, beams reordered again.
+        With `switch_at`, the kernels go away after that many steps (the cache leaves the kernels'
+        table)."""
         logits = []
+        n = 5 * beam
         with torch.no_grad():
-            state = model.init_state(model.encode(src, src != 0), beam, 8)
+            state = model.init_state(model.encode(src, src != 0), beam, 10)
             for i, tok in enumerate(tokens):
                 if i == switch_at:
                     monkeypatch.setattr(T, "kernels", NO_KERNELS)
                 if i == 4:
                     keep = torch.tensor([0, 2, 4])
                     state = model.reorder_state(state, (keep[:, None] * beam + torch.arange(beam)).view(-1), keep)
-                logits.append(model.step(tok[: state.cache[0][0].shape[0]], state)[0])
-                if i < 4:
-                    state = model.reorder_state(state, order)
-                    # with the kernels, the cache stays and a table of rows follows the beams
-                    assert (state.rows is not None) == (T.kernels is kernels)
+                    n = 3 * beam
+                logits.append(model.step(tok[:n], state)[0])
+                state = model.reorder_state(state, order if i < 4 else after)
+                # with the kernels, the cache stays and a table of rows follows the hypotheses
+                assert (state.rows is not None) == (T.kernels is kernels)
+                assert state.rows is None or state.rows.shape[0] == n
         return torch.cat(logits)
 
     calls = []

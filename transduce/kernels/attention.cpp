@@ -335,15 +335,18 @@ at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& bias, const at::Te
                   cv.scalar_type() == at::kFloat, "self_step: float32 CPU tensors only");
   TORCH_CHECK(qkv.dim() == 2 && ck.dim() == 4 && ck.sizes() == cv.sizes() && ck.strides() == cv.strides(),
               "self_step: qkv (rows, 3 * d), caches (rows, heads, len, dh) of one layout");
-  const int64_t n = ck.size(0), h = ck.size(1), dh = ck.size(3), d = h * dh;
-  TORCH_CHECK(qkv.size(0) == n && qkv.size(1) == 3 * d && qkv.stride(1) == 1,
+  const int64_t n = qkv.size(0), h = ck.size(1), dh = ck.size(3), d = h * dh;
+  const bool indirect = rows.defined() && rows.numel();
+  // read through a table, the cache may hold more rows than are decoding (sources dropped)
+  TORCH_CHECK(indirect ? ck.size(0) >= n : ck.size(0) == n, "self_step: ", n, " rows of qkv for a cache of ",
+              ck.size(0), indirect ? " (it needs at least as many)" : " (they must be as many)");
+  TORCH_CHECK(qkv.size(1) == 3 * d && qkv.stride(1) == 1,
               "self_step: qkv must be (rows, 3 * heads * dh), rows contiguous");
   TORCH_CHECK(ck.stride(3) == 1, "self_step: caches' innermost dim must be contiguous");
   TORCH_CHECK(t >= 0 && t < ck.size(2), "self_step: position ", t, " outside the cache (", ck.size(2), ")");
   const bool has_bias = bias.defined() && bias.numel();
   TORCH_CHECK(!has_bias || (bias.numel() == 3 * d && bias.is_contiguous() && bias.scalar_type() == at::kFloat),
               "self_step: bias must be float32 (3 * heads * dh) contiguous or empty");
-  const bool indirect = rows.defined() && rows.numel();
   if (indirect) {
     TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == n && rows.size(1) > t &&
                     rows.stride(1) == 1, "self_step: rows must be int64 (rows, len) with room for position ", t);

@@ -144,10 +144,10 @@ _NO_ROWS = torch.empty(0, dtype=torch.long)
 _EMPTY = torch.empty(0)
 
 
-def _gather_cache(state: "TransformerState", rows: torch.Tensor | None) -> None:
-    """Cache buffers in hypothesis order (hypotheses `rows`, or all), from the table `state.rows`."""
+def _gather_cache(state: "TransformerState") -> None:
+    """Cache buffers in hypothesis order, from the table `state.rows` (for the modules' path)."""
     t = state.t
-    table = state.rows[:, :t] if rows is None else state.rows.index_select(0, rows)[:, :t]
+    table = state.rows[:, :t]
     n = table.shape[0]
     cache = []
     for k, v in state.cache:
@@ -215,8 +215,9 @@ class TransformerState:
     beam: int
     attention: list | None      # if recording: per step, per layer (N, H, S) cross-attention
     spare: list | None = None   # buffers shaped like `cache` that the next beam reorder fills
-    # (N, max_len) int64 or None: with the CPU kernels, beam selection leaves the cache where it is
-    # and reorders this table instead: position j < t of hypothesis n lies in cache row rows[n, j].
+    # (N, max_len) int64 or None: with the CPU kernels, reorders (beams selected, sources dropped)
+    # leave the cache where it is and reorder this table instead: position j < t of hypothesis n
+    # lies in cache row rows[n, j]. The cache may then have more rows than there are hypotheses.
     rows: torch.Tensor | None = None
 
 
@@ -337,7 +338,7 @@ class Transformer(EncoderStack):
             if ops is not None:
                 return self._kernel_step(ops, tokens, state), state
         if state.rows is not None:  # the cache back in hypothesis order for the modules
-            _gather_cache(state, None)
+            _gather_cache(state)
         x = self.tgt_embed(tokens[:, None], start=state.t)
         weights = [] if state.attention is not None else None
         for layer, (k, v), cache in zip(self.decoder, state.mem_kv, state.cache):
@@ -396,16 +397,16 @@ class Transformer(EncoderStack):
             state.src_mask = state.src_mask.index_select(0, batch)
         if rows is None:
             return state
-        n = state.cache[0][0].shape[0]
-        if state.rows is None and rows.numel() == n and state.cache[0][0].dtype == torch.float32 \
-                and state.cache[0][0].device.type == "cpu" and kernels.ops() is not None:
-            state.rows = torch.arange(n)[:, None].repeat(1, state.cache[0][0].shape[2])
+        cache = state.cache[0][0]
+        if state.rows is None and state.attention is None and cache.dtype == torch.float32 \
+                and cache.device.type == "cpu" and kernels.ops() is not None:
+            state.rows = torch.arange(cache.shape[0])[:, None].repeat(1, cache.shape[2])
         if state.rows is None:
             state.cache, state.spare = reorder_cache(state.cache, rows, state.t, state.spare)
-        elif rows.numel() == n:  # beam selection: the table follows the beams, the cache stays
-            state.rows = state.rows.index_select(0, rows)  # (the kernel set rows[n, t - 1] = n)
-        else:  # sources dropped: a smaller cache in hypothesis order
-            _gather_cache(state, rows)
+        else:  # the table follows the hypotheses, the cache stays (the kernel set rows[n, t - 1] = n);
+            # with sources dropped, hypothesis i writes its next positions into cache row i: no
+            # hypothesis reads a row's position before its own step has written it
+            state.rows = state.rows.index_select(0, rows)
         return state
 
     def describe(self) -> dict:
