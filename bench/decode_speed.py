@@ -22,6 +22,7 @@ import time
 import torch
 
 from transduce.data.pipeline import group_references, load_splits
+from transduce.allocator import keep_freed_memory
 from transduce.export.ctranslate2 import CT2Translator, export
 from transduce.hoststeal import Steal
 from transduce.inference import decode, load_run
@@ -63,7 +64,10 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="use only this many test words (0 = all)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="runs per system (interleaved); the fastest counts")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc thresholds alone (the decoding commands set them: transduce/allocator.py)")
     args = ap.parse_args()
+    kept = False if args.system_malloc else keep_freed_memory()  # for every system in this process
     torch.set_num_threads(args.threads)
     run = load_run(args.model)
     quantized = load_run(args.model, quantize="int8")
@@ -102,7 +106,7 @@ def main():
                          for _ in range(args.repeat))
                 rows.append(("HF generate (BART, matched steps)", beam, n / dt, float("nan")))
     print(f"{n} test words, batch {args.batch}, {args.threads} threads, {args.workers} worker(s), "
-          f"fastest of {args.repeat} runs")
+          f"fastest of {args.repeat} runs, malloc {'keeping freed memory' if kept else 'as the system set it'}")
     print(steal.report())
     print("| system | beam | words/s | test WER % |")
     print("|---|---:|---:|---:|")

