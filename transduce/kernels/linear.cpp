@@ -105,6 +105,15 @@ const float* maybe(const at::Tensor& t) { return t.defined() && t.numel() ? t.da
 // streaming a (2000, 512) int32 product through memory cost more than the product).
 constexpr int64_t kBlock = 128;
 
+// `rows` rows of x (`xs` apart) quantized into q (their scales into `scale`), times wt (K, N):
+// (rows, N) int32.
+at::Tensor block_product(const float* x, int64_t xs, int64_t rows, int64_t k, const at::Tensor& q, float* scale,
+                         const at::Tensor& wt) {
+  int8_t* qp = q.data_ptr<int8_t>();
+  for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(x + r * xs, k, qp + r * k);
+  return at::_int_mm(q.narrow(0, 0, rows), wt);
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias) {
   check_input(x, "int8_linear");
   check_weight(w, w_scale, bias, x.size(1), "int8_linear");
@@ -122,9 +131,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     float scale[kBlock];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kBlock, rows = std::min(kBlock, m - r0);
-      int8_t* qp = q.data_ptr<int8_t>();
-      for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(xp + (r0 + r) * xs, k, qp + r * k);
-      const at::Tensor acc = at::_int_mm(q.narrow(0, 0, rows), wt);  // (rows, N) int32
+      const at::Tensor acc = block_product(xp + r0 * xs, xs, rows, k, q, scale, wt);  // (rows, N) int32
       const int32_t* ap = acc.data_ptr<int32_t>();
       for (int64_t r = 0; r < rows; ++r) dequantize_row(ap + r * n, scale[r], ws, bp, n, kNone, op + (r0 + r) * n);
     }
@@ -156,9 +163,7 @@ at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
     float scale[kBlock], hscale[kBlock];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kBlock, rows = std::min(kBlock, m - r0);
-      int8_t* qp = q.data_ptr<int8_t>();
-      for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(xp + (r0 + r) * xs, k, qp + r * k);
-      const at::Tensor acc = at::_int_mm(q.narrow(0, 0, rows), w1t);  // (rows, F) int32
+      const at::Tensor acc = block_product(xp + r0 * xs, xs, rows, k, q, scale, w1t);  // (rows, F) int32
       // the hidden layer: int32 sums -> float32 + bias -> activation -> int8, a row at a time
       const int32_t* ap = acc.data_ptr<int32_t>();
       int8_t* hp = hq.data_ptr<int8_t>();
