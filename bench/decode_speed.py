@@ -65,7 +65,8 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="runs per system (interleaved); the fastest counts")
     ap.add_argument("--system-malloc", action="store_true",
-                    help="leave glibc's malloc thresholds alone (the decoding commands set them: transduce/allocator.py)")
+                    help="leave glibc's malloc thresholds alone (the decoding commands set them: "
+                         "transduce/allocator.py)")
     args = ap.parse_args()
     kept = False if args.system_malloc else keep_freed_memory()  # for every system in this process
     torch.set_num_threads(args.threads)

@@ -1,6 +1,9 @@
-// int8 linear layers for CPU inference: y = x W^T (+ b), W quantized once per output channel, x
-// quantized per row at each call, the product in int8 with int32 sums (at::_int_mm: oneDNN's
-// VNNI kernels where the CPU has them, 2-4x float32's matmul at decoding sizes).
+// Linear layers and feed-forward blocks for CPU inference, in blocks of rows whose intermediate
+// results stay in the core's cache (`ffn` in float32; `int8_linear`, `int8_ffn` in int8).
+//
+// int8: y = x W^T (+ b), W quantized once per output channel, x quantized per row at each call,
+// the product in int8 with int32 sums (at::_int_mm: oneDNN's VNNI kernels where the CPU has them,
+// 2-4x float32's matmul at decoding sizes).
 //
 // Quantizing and scaling back are passes over memory, which on small rows cost as much as the
 // product saves; so they are fused: `int8_linear` quantizes, multiplies and scales back (plus
@@ -49,7 +52,8 @@ inline float gelu(float x) {
   const float z = x * 0.70710678f;
   const float az = std::fabs(z);
   const float t = 1.f / (1.f + 0.3275911f * az);
-  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float poly =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
   const float e = 1.f - poly * std::exp(-az * az);  // erf(|z|)
   return 0.5f * x * (1.f + (z < 0.f ? -e : e));
 }
@@ -173,7 +177,9 @@ at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
       }
       const at::Tensor acc2 = at::_int_mm(hq.narrow(0, 0, rows), w2t);  // (rows, D) int32
       const int32_t* a2 = acc2.data_ptr<int32_t>();
-      for (int64_t r = 0; r < rows; ++r) dequantize_row(a2 + r * d, hscale[r], ws2, nullptr, d, kNone, op + (r0 + r) * d);
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(a2 + r * d, hscale[r], ws2, nullptr, d, kNone, op + (r0 + r) * d);
+      }
     }
   });
   return out;

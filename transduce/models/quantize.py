@@ -6,7 +6,7 @@ call from their own largest magnitude, as CTranslate2 does. The product runs
 in int8 with int32 sums (`torch._int_mm`: oneDNN's AVX-512 VNNI kernels where
 the CPU has them), then is scaled back to float32. With the CPU kernels
 built, quantizing, multiplying and scaling back are one op
-(transduce/kernels/quant.cpp); otherwise PyTorch's ops do the same
+(transduce/kernels/linear.cpp); otherwise PyTorch's ops do the same
 arithmetic. Output layers whose weight is tied to an embedding stay in
 float32: they are small and the scores they produce rank the outputs. For
 decoding only; the copy cannot be trained.

@@ -199,7 +199,7 @@ def _ffn(ops, ff: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return _unbiased(ff.down, ff.act(_linear(ff.up, x)))
 
 
-_ACTS = {(nn.ReLU, "none"): 1, (nn.GELU, "none"): 2}  # int8_ffn's activation codes
+_ACTS = {(nn.ReLU, "none"): 1, (nn.GELU, "none"): 2}  # the feed-forward kernels' activation codes
 
 
 def _norm(norm: nn.LayerNorm) -> tuple:
