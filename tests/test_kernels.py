@@ -381,7 +381,7 @@ def test_float_ffn_is_up_activation_down(act, rows):
 
 
 def test_gelu_of_the_ffn_kernel_is_exact_gelu():
-    # erf by a polynomial (Abramowitz and Stegun 7.1.26): GELU's erf form to float32's precision
+    # erf by a rational function (Abramowitz and Stegun 7.1.28): GELU's erf form to float32's precision
     from torch import nn
 
     x = torch.linspace(-8, 8, 4001)[:, None]
