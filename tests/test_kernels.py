@@ -156,13 +156,14 @@ def test_attention_dropout_keeps_pytorch_path():
 
 
 @pytest.mark.parametrize("indirect", [False, True])
-def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect, dtype):
     g = torch.Generator().manual_seed(4)
     n, h, dh, tmax, t = 6, 4, 16, 9, 5
     d = h * dh
     # through a table, the cache may have more rows than hypotheses (sources dropped from a search)
     cache_rows = n + 3 if indirect else n
-    ck, cv = torch.randn(2, cache_rows, h, tmax, dh, generator=g)
+    ck, cv = torch.randn(2, cache_rows, h, tmax, dh, generator=g).to(dtype)  # bfloat16: int8 copies' caches
     before_k, before_v = ck.clone(), cv.clone()
     fused = torch.randn(n, 4 * d, generator=g)
     qkv = fused[:, d:]                     # strided rows, as a slice of a wider projection
@@ -171,13 +172,16 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
     bias = torch.randn(3 * d, generator=g)
     out = kernels.ops().self_step(qkv, bias, ck, cv, t, dh ** -0.5, rows)
     q, k, v = (x.view(n, 1, h, dh).transpose(1, 2) for x in (qkv + bias).split(d, 1))
-    torch.testing.assert_close(ck[:n, :, t:t + 1], k)
-    torch.testing.assert_close(cv[:n, :, t:t + 1], v)
+    # written as PyTorch casts (bfloat16: rounded to nearest, ties to even)
+    torch.testing.assert_close(ck[:n, :, t:t + 1], k.to(dtype), rtol=1e-6, atol=0)
+    torch.testing.assert_close(cv[:n, :, t:t + 1], v.to(dtype), rtol=1e-6, atol=0)
     # only position t of the hypotheses' own rows changed
     assert torch.equal(ck[n:], before_k[n:]) and torch.equal(cv[n:], before_v[n:])
     keep = torch.ones(tmax, dtype=torch.bool)
     keep[t] = False
     assert torch.equal(ck[:, :, keep], before_k[:, :, keep]) and torch.equal(cv[:, :, keep], before_v[:, :, keep])
+    written = ck.clone(), cv.clone()
+    ck, cv = ck.float(), cv.float()  # the reference attends to what the cache holds
     if indirect:
         assert torch.equal(rows[:, t], torch.arange(n))  # the new position is each row's own
         cols = torch.arange(t + 1)
@@ -185,14 +189,16 @@ def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect):
         values = cv[rows[:, : t + 1], :, cols].transpose(1, 2)
         assert not torch.equal(keys, ck[:n, :, : t + 1])
         with pytest.raises(RuntimeError, match="must be as many"):  # no table: one row per hypothesis
-            kernels.ops().self_step(qkv, bias, ck, cv, t, 1.0, torch.empty(0, dtype=torch.long))
+            kernels.ops().self_step(qkv, bias, *written, t, 1.0, torch.empty(0, dtype=torch.long))
     else:
         keys, values = ck[:, :, : t + 1], cv[:, :, : t + 1]
     want = reference(q, keys, values, None, 1, False)
     torch.testing.assert_close(out, want.transpose(1, 2).reshape(n, d), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        kernels.ops().self_step(qkv, bias, ck, cv, tmax, 1.0, rows)
-    without = kernels.ops().self_step(qkv + bias, torch.empty(0), ck.clone(), cv.clone(), t, dh ** -0.5, rows)
+        kernels.ops().self_step(qkv, bias, *written, tmax, 1.0, rows)
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16"):
+        kernels.ops().self_step(qkv, bias, written[0], written[1].double(), t, 1.0, rows)
+    without = kernels.ops().self_step(qkv + bias, torch.empty(0), *written, t, dh ** -0.5, rows)
     torch.testing.assert_close(without, out)
 
 
@@ -246,6 +252,7 @@ def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam, in
     from transduce.models.quantize import quantize
 
     model = quantize(make_model(name)) if int8 else make_model(name)
+    model.kernel_cache_dtype = None  # float32 caches here; bfloat16 ones: the test below
     torch.manual_seed(1)
     src = torch.randint(3, 13, (5, 7))
     src[1, 4:] = 0
@@ -286,6 +293,30 @@ def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam, in
     tol = INT8_TOL if int8 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast, slow, **tol)
     torch.testing.assert_close(switched, slow, **tol)
+
+
+def test_int8_copy_decodes_with_a_bfloat16_cache_close_to_a_float_one():
+    from conftest import make_model
+
+    from transduce.models.quantize import quantize
+    from transduce.search import beam_search
+
+    model = quantize(make_model("transformer-postnorm-learned", seed=7))
+    assert model.kernel_cache_dtype == torch.bfloat16
+    torch.manual_seed(3)
+    src = torch.randint(3, 13, (24, 7))
+    src[5, 3:] = 0
+
+    def decode(dtype):
+        model.kernel_cache_dtype = dtype
+        with torch.no_grad():
+            caches = model.init_state(model.encode(src, src != 0), 1, 4).cache
+            return caches[0][0].dtype, [h[0].tokens for h in beam_search(model, src, src != 0, beam=3, max_len_a=1.0,
+                                                                          max_len_b=4)]
+
+    (half, got), (full, want) = decode(torch.bfloat16), decode(None)
+    assert half == torch.bfloat16 and full == torch.float32
+    assert sum(a == b for a, b in zip(got, want)) >= 20, (got, want)  # near-ties may flip, as int8's do
 
 
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style",

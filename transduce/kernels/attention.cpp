@@ -20,6 +20,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <math.h>
 #include <limits>
 #include <vector>
@@ -265,8 +267,25 @@ at::Tensor attend_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // rows (N, T_max) int64, or an empty tensor: where a beam search keeps its cache. Position j < t
 // of hypothesis n then lies in cache row rows[n, j] (its ancestor at step j), so selecting beams
 // reorders this small table instead of copying the whole cache; the kernel sets rows[n, t] = n.
-template <int DH>
-void self_step_run(const float* src, int64_t src_row, const float* bias, float* kp, float* vp, const int64_t* cs,
+// Cache elements: float32, or bfloat16 held as its upper 16 bits (int8 copies' caches: half the
+// bytes to read per step, where a beam's step reads every hypothesis's keys and values). Plain
+// shifts and adds, so the loops below vectorise as they do for float.
+inline float load(const float* p) { return *p; }
+inline void store(float* p, float v) { *p = v; }
+inline float load(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(uint16_t* p, float v) {  // round to nearest, ties to even (as PyTorch's cast)
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <int DH, typename T>
+void self_step_run(const float* src, int64_t src_row, const float* bias, T* kp, T* vp, const int64_t* cs,
                    int64_t* table, int64_t table_row, int64_t n, int64_t h, int64_t dh_runtime, int64_t t, float scale,
                    float* op) {
   const int64_t dh = DH > 0 ? DH : dh_runtime, d = h * dh;
@@ -280,21 +299,24 @@ void self_step_run(const float* src, int64_t src_row, const float* bias, float* 
       const float* __restrict__ in = src + r * src_row + head * dh;
       const int64_t own = r * cs[0] + head * cs[1];
       // not restrict: position t is read back below, through the same caches
-      float* kd = kp + own + t * cs[2];
-      float* vd = vp + own + t * cs[2];
+      T* kd = kp + own + t * cs[2];
+      T* vd = vp + own + t * cs[2];
       const float* __restrict__ q = in;
       if (bias != nullptr) {
         const float* __restrict__ b = bias + head * dh;
 #pragma omp simd
         for (int64_t e = 0; e < dh; ++e) {
           qb[e] = in[e] + b[e];
-          kd[e] = in[d + e] + b[d + e];
-          vd[e] = in[2 * d + e] + b[2 * d + e];
+          store(kd + e, in[d + e] + b[d + e]);
+          store(vd + e, in[2 * d + e] + b[2 * d + e]);
         }
         q = qb.data();
       } else {
-        std::copy(in + d, in + d + dh, kd);
-        std::copy(in + 2 * d, in + 2 * d + dh, vd);
+#pragma omp simd
+        for (int64_t e = 0; e < dh; ++e) {
+          store(kd + e, in[d + e]);
+          store(vd + e, in[2 * d + e]);
+        }
       }
       if (table != nullptr && head == 0) table[r * table_row + t] = r;
       for (int64_t j = 0; j <= t; ++j) {
@@ -303,10 +325,10 @@ void self_step_run(const float* src, int64_t src_row, const float* bias, float* 
       }
       float top = kMasked;
       for (int64_t j = 0; j <= t; ++j) {
-        const float* __restrict__ k = kp + at_[j];
+        const T* __restrict__ k = kp + at_[j];
         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t e = 0; e < dh; ++e) acc += q[e] * k[e];
+        for (int64_t e = 0; e < dh; ++e) acc += q[e] * load(k + e);
         s[j] = acc * scale;
         top = std::max(top, s[j]);
       }
@@ -321,9 +343,9 @@ void self_step_run(const float* src, int64_t src_row, const float* bias, float* 
       for (int64_t e = 0; e < dh; ++e) o[e] = 0.f;
       for (int64_t j = 0; j <= t; ++j) {
         const float p = s[j] * inv;
-        const float* __restrict__ v = vp + at_[j];
+        const T* __restrict__ v = vp + at_[j];
 #pragma omp simd
-        for (int64_t e = 0; e < dh; ++e) o[e] += p * v[e];
+        for (int64_t e = 0; e < dh; ++e) o[e] += p * load(v + e);
       }
     }
   });
@@ -331,8 +353,10 @@ void self_step_run(const float* src, int64_t src_row, const float* bias, float* 
 
 at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor& ck, const at::Tensor& cv,
                      int64_t t, double scale, const at::Tensor& rows) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && ck.scalar_type() == at::kFloat &&
-                  cv.scalar_type() == at::kFloat, "self_step: float32 CPU tensors only");
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat, "self_step: qkv must be float32 on the CPU");
+  const bool half = ck.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((half || ck.scalar_type() == at::kFloat) && cv.scalar_type() == ck.scalar_type(),
+              "self_step: caches must both be float32 or both bfloat16");
   TORCH_CHECK(qkv.dim() == 2 && ck.dim() == 4 && ck.sizes() == cv.sizes() && ck.strides() == cv.strides(),
               "self_step: qkv (rows, 3 * d), caches (rows, heads, len, dh) of one layout");
   const int64_t n = qkv.size(0), h = ck.size(1), dh = ck.size(3), d = h * dh;
@@ -358,9 +382,15 @@ at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& bias, const at::Te
   const int64_t table_row = indirect ? rows.stride(0) : 0;
   const float sc = static_cast<float>(scale);
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-#define SELF_STEP(DH) \
-  self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), bp, ck.data_ptr<float>(), cv.data_ptr<float>(), cs, table, \
-                    table_row, n, h, dh, t, sc, out.data_ptr<float>())
+#define SELF_STEP(DH)                                                                                          \
+  if (half) {                                                                                                  \
+    self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), bp, reinterpret_cast<uint16_t*>(ck.data_ptr()),    \
+                      reinterpret_cast<uint16_t*>(cv.data_ptr()), cs, table, table_row, n, h, dh, t, sc,      \
+                      out.data_ptr<float>());                                                                  \
+  } else {                                                                                                     \
+    self_step_run<DH>(qkv.data_ptr<float>(), qkv.stride(0), bp, ck.data_ptr<float>(), cv.data_ptr<float>(), cs, \
+                      table, table_row, n, h, dh, t, sc, out.data_ptr<float>());                              \
+  }
   switch (dh) {
     case 32: SELF_STEP(32); break;
     case 64: SELF_STEP(64); break;

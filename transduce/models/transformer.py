@@ -144,17 +144,18 @@ _NO_ROWS = torch.empty(0, dtype=torch.long)
 _EMPTY = torch.empty(0)
 
 
-def _gather_cache(state: "TransformerState") -> None:
-    """Cache buffers in hypothesis order, from the table `state.rows` (for the modules' path)."""
+def _gather_cache(state: "TransformerState", dtype: torch.dtype) -> None:
+    """Cache buffers in hypothesis order and in `dtype`, from the table `state.rows` (or as they are),
+    for the modules' path."""
     t = state.t
-    table = state.rows[:, :t]
-    n = table.shape[0]
+    n = state.cache[0][0].shape[0] if state.rows is None else state.rows.shape[0]
+    table = torch.arange(n)[:, None].expand(n, t) if state.rows is None else state.rows[:, :t]
     cache = []
     for k, v in state.cache:
         _, h, tmax, dh = k.shape
         # flat index of (row, head, position) in the (N, H, T_max, dh) buffers, one row of dh each
         idx = (table[:, None, :] * (h * tmax) + torch.arange(h)[None, :, None] * tmax + torch.arange(t)).view(-1)
-        k2, v2 = k.new_empty((n, h, tmax, dh)), v.new_empty((n, h, tmax, dh))
+        k2, v2 = k.new_empty((n, h, tmax, dh), dtype=dtype), v.new_empty((n, h, tmax, dh), dtype=dtype)
         k2[:, :, :t] = k.view(-1, dh).index_select(0, idx).view(n, h, t, dh)
         v2[:, :, :t] = v.view(-1, dh).index_select(0, idx).view(n, h, t, dh)
         cache.append((k2, v2))
@@ -324,21 +325,30 @@ class Transformer(EncoderStack):
         # matmuls would copy them to fold B and H at every step.
         mem_kv = [tuple(t.contiguous() for t in layer.cross_attn.project_kv(memory.states)) for layer in self.decoder]
         like = memory.states
+        # An int8 copy keeps its keys and values in bfloat16 for the kernel step (quantize sets
+        # kernel_cache_dtype): half the bytes a beam's step reads, within its int8 rounding.
+        dtype = like.dtype
+        if getattr(self, "kernel_cache_dtype", None) is not None and self._kernel_ready(like, record_attention):
+            dtype = self.kernel_cache_dtype
         # positions are written before they are read: no need to clear them
-        cache = [(like.new_empty(b * beam, c.heads, max_len, dh), like.new_empty(b * beam, c.heads, max_len, dh))
-                 for _ in self.decoder]
+        cache = [(like.new_empty(b * beam, c.heads, max_len, dh, dtype=dtype),
+                  like.new_empty(b * beam, c.heads, max_len, dh, dtype=dtype)) for _ in self.decoder]
         return TransformerState(mem_kv, memory.mask[:, None, None, :], cache, 0, beam,
                                 [] if record_attention else None)
 
+    def _kernel_ready(self, like: torch.Tensor, record_attention: bool) -> bool:
+        """Whether decoding steps run on the CPU kernels (`_kernel_step`)."""
+        return not record_attention and not self.training and not torch.is_grad_enabled() \
+            and like.device.type == "cpu" and self.tgt_embed.tokens.weight.dtype == torch.float32 \
+            and kernels.ops() is not None
+
     def step(self, tokens: torch.Tensor, state: TransformerState) -> tuple[torch.Tensor, TransformerState]:
         # tokens (N,) with N = B * beam -> logits (N, V)
-        if state.attention is None and not self.training and not torch.is_grad_enabled() \
-                and tokens.device.type == "cpu" and self.tgt_embed.tokens.weight.dtype == torch.float32:
-            ops = kernels.ops()
-            if ops is not None:
-                return self._kernel_step(ops, tokens, state), state
-        if state.rows is not None:  # the cache back in hypothesis order for the modules
-            _gather_cache(state)
+        if self._kernel_ready(tokens, state.attention is not None):
+            return self._kernel_step(kernels.ops(), tokens, state), state
+        dtype = state.mem_kv[0][0].dtype
+        if state.rows is not None or state.cache[0][0].dtype != dtype:  # as the modules keep it
+            _gather_cache(state, dtype)
         x = self.tgt_embed(tokens[:, None], start=state.t)
         weights = [] if state.attention is not None else None
         for layer, (k, v), cache in zip(self.decoder, state.mem_kv, state.cache):
@@ -398,7 +408,7 @@ class Transformer(EncoderStack):
         if rows is None:
             return state
         cache = state.cache[0][0]
-        if state.rows is None and state.attention is None and cache.dtype == torch.float32 \
+        if state.rows is None and state.attention is None and cache.dtype in (torch.float32, torch.bfloat16) \
                 and cache.device.type == "cpu" and kernels.ops() is not None:
             state.rows = torch.arange(cache.shape[0])[:, None].repeat(1, cache.shape[2])
         if state.rows is None:
