@@ -146,3 +146,30 @@ def test_attention_command_and_translate_attention(run_dir, tmp_path):
     assert [r["source"] for r in records] == ["cat", "", "dog"]
     assert [r["output"] for r in records] == p.stdout.split("\n")[:3]
     assert len(records[0]["attention"][0][0][0]) == 3  # layer 0, head 0, step 0: over 3 source chars
+
+
+def test_decoding_follows_the_runs_decode_quantize_unless_told(run_dir, tmp_path):
+    import argparse
+    import shutil
+
+    import yaml
+
+    from transduce.cli import _decoding_run
+    from transduce.models.quantize import Int8Linear
+
+    def int8(model_dir, flag):
+        run = _decoding_run(argparse.Namespace(model=str(model_dir), quantize=flag))
+        return any(isinstance(m, Int8Linear) for m in run.model.modules())
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for setting in (None, "int8"):
+        cfg["decode"]["quantize"] = setting
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert int8(run, None) == (setting == "int8")
+        assert int8(run, "int8") and not int8(run, "none")
+    cfg["decode"]["quantize"] = "int4"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    p = cli("translate", "--model", str(run), stdin="cat\n", check=False)
+    assert p.returncode != 0 and "int4" in p.stderr and "int8" in p.stderr  # the valid choice named

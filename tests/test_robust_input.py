@@ -275,7 +275,7 @@ def test_translate_writes_one_line_per_input(monkeypatch, capsys):
     import transduce.inference as inference
 
     inputs = ["a\rb", "", "\x00", "x\u2028y", "", "last"]
-    monkeypatch.setattr(inference, "load_run", lambda path, **kw: None)
+    monkeypatch.setattr(cli, "_decoding_run", lambda args: None)  # no model: the lines are the point
     monkeypatch.setattr(inference, "translate", lambda run, sources, *a, **k: [[f"{s}\n{s}\r"] for s in sources])
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(inputs).encode())))
     assert cli.main(["translate", "--model", "unused"]) == 0

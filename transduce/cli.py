@@ -53,13 +53,13 @@ def _one_line(text: str) -> str:
 
 
 def _translate(args) -> int:
-    from transduce.inference import load_run, translate
+    from transduce.inference import translate
 
     _threads(args.threads)
     if args.engine == "ctranslate2":
         from transduce.export.ctranslate2 import CT2Translator
 
-        if args.attention or args.quantize:
+        if args.attention or args.quantize == "int8":
             raise ValueError(f"{'--attention' if args.attention else '--quantize'} needs --engine torch "
                              "(a CTranslate2 model is quantized by `transduce export --quantization`)")
         ct2 = CT2Translator(args.model, threads=args.threads or 0, workers=_workers(args) or 1)
@@ -67,7 +67,7 @@ def _translate(args) -> int:
         outputs = ct2.translate(sources, args.beam or ct2.decode_cfg["beam"], args.nbest or 1,
                                 args.batch_size or ct2.decode_cfg["batch_size"])
     else:
-        run = load_run(args.model, quantize=args.quantize)
+        run = _decoding_run(args)
         sources = _read_inputs(args)
         outputs = translate(run, sources, args.beam, args.nbest, args.batch_size, workers=_workers(args))
     lines = []
@@ -88,13 +88,26 @@ def _translate(args) -> int:
     return 0
 
 
+def _decoding_run(args):
+    """The run of `--model`, its model quantized as `--quantize` says, or else as the run's
+    decode.quantize ("none": float32 whatever the run says)."""
+    import dataclasses
+
+    from transduce.inference import load_run
+    from transduce.models.quantize import quantize
+
+    run = load_run(args.model)
+    kind = run.config.decode.quantize if args.quantize is None else args.quantize
+    return dataclasses.replace(run, model=quantize(run.model, kind)) if kind not in (None, "none") else run
+
+
 def _evaluate(args) -> int:
     from transduce.data.pipeline import load_splits
     from transduce.data.readers import read_pairs
-    from transduce.inference import evaluate_pairs, load_run
+    from transduce.inference import evaluate_pairs
     from transduce.tasks import task_for
 
-    run = load_run(args.model, quantize=args.quantize)
+    run = _decoding_run(args)
     _threads(args.threads)
     if not run.model.can_decode or task_for(run.config).name != "seq2seq":  # the task reads and scores
         return _evaluate_labels(args, run)
@@ -291,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, metavar="N",
                        help="decode N batches at a time, each on threads/N threads (default: the run's "
                             "decode.workers, 1); 2 on 2 cores is faster for a file of many batches")
-        q.add_argument("--quantize", choices=["int8"],
+        q.add_argument("--quantize", choices=["int8", "none"],
                        help="decode with the linear layers in int8 (CPU; weights per channel, activations "
-                            "per row): 1.2-1.4x float32's speed on the G2P model, within 0.1 point of its WER")
+                            "per row): 1.2-1.4x float32's speed on the G2P model, within 0.1 point of its WER; "
+                            "'none' for float32 (default: the run's decode.quantize)")
 
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",
                         description="Read one source per line, write one output per line, order preserved. "

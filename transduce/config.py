@@ -221,6 +221,9 @@ class DecodeConfig:
     # CTranslate2's inter_threads): one batch's small ops leave cores idle, so 2 workers on 2 cores
     # decode a file faster than one batch on 2 threads (docs/benchmarks.md).
     workers: int = 1
+    # How `translate` and `evaluate` run the model (`--quantize` overrides): null = float32, "int8" =
+    # linear layers in int8 (models/quantize.py; CPU). Dev evaluation during training stays float32.
+    quantize: Optional[Literal["int8"]] = None
 
     def validate(self) -> None:
         if self.beam < 1 or self.nbest < 1 or self.nbest > self.beam:
