@@ -131,15 +131,95 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.delitem(kernels._state, "ops", raising=False)  # the next test loads it again
 
 
-def test_training_path_unchanged_by_kernel():
-    # gradients needed: PyTorch's attention, and they flow
-    attn = Attention(16, 2, 0.0, cross=False).train()
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    q, k, v = attn.project_qkv(x)
-    out = attn.attend(q, k, v, causal=True)
-    out.square().sum().backward()
-    assert out.grad_fn is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+def train_case(b, h, tq, tk, dh, causal, masked, seed):
+    """A fused q, k, v projection (leaf tensors) and its split heads; causal: one sequence's own keys."""
+    g = torch.Generator().manual_seed(seed)
+    if causal:
+        qkv = torch.randn(b, tq, 3 * h * dh, generator=g).requires_grad_()
+        leaves = (qkv,)
+        q, k, v = (x.view(b, tq, h, dh).transpose(1, 2) for x in qkv.chunk(3, -1))
+    else:
+        qx = torch.randn(b, tq, h * dh, generator=g).requires_grad_()
+        kv = torch.randn(b, tk, 2 * h * dh, generator=g).requires_grad_()
+        leaves = (qx, kv)
+        q = qx.view(b, tq, h, dh).transpose(1, 2)
+        k, v = (x.view(b, tk, h, dh).transpose(1, 2) for x in kv.chunk(2, -1))
+    mask = random_mask(b, tk, g) if masked else None
+    return leaves, q, k, v, mask
+
+
+@pytest.mark.parametrize("tq,tk,dh,causal,masked", [
+    (7, 7, 32, True, False),     # decoder self-attention
+    (9, 13, 32, False, True),    # cross-attention, padded source
+    (1, 5, 64, False, True),
+    (12, 12, 24, False, True),   # dh the kernel has no special case for
+    (30, 30, 32, True, False),   # 32 keys: the last width held in registers
+    (40, 40, 32, False, True),   # more keys than that: sums in memory
+])
+def test_training_kernel_matches_pytorch_forward_and_gradients(tq, tk, dh, causal, masked):
+    leaves, q, k, v, mask = train_case(3, 4, tq, tk, dh, causal, masked, seed=tq + tk + dh)
+    out = kernels.attend_train(q, k, v, mask, causal, dh ** -0.5)
+    assert out.shape == q.shape and out.requires_grad
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_kernel_query_without_keys_gets_zeros_and_no_gradient():
+    leaves, q, k, v, _ = train_case(2, 2, 3, 4, 8, False, False, seed=5)
+    mask = torch.ones(2, 1, 1, 4, dtype=torch.bool)
+    mask[1] = False  # the second row has no key to attend to
+    out = kernels.attend_train(q, k, v, mask, False, 0.3)
+    assert out[1].abs().sum() == 0 and out[0].abs().sum() > 0
+    dq, dkv = torch.autograd.grad(out.square().sum() + out.sum(), leaves)
+    assert dq[1].abs().sum() == 0 and dkv[1].abs().sum() == 0
+    assert dq[0].abs().sum() > 0 and dkv[0].abs().sum() > 0
+
+
+def test_training_kernel_declines_what_it_does_not_do():
+    q = torch.randn(2, 2, 3, 8, requires_grad=True)
+    assert kernels.attend_train(q.double(), q.double(), q.double(), None, False, 1.0) is None
+    per_query = torch.ones(2, 1, 3, 3, dtype=torch.bool)  # a mask per query, not key padding
+    assert kernels.attend_train(q, q, q, per_query, False, 1.0) is None
+    assert kernels.attend_train(q, q, q, None, False, 1.0) is not None
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_module_trains_on_the_kernel_as_on_pytorch(monkeypatch, cross):
+    # gradients needed and no dropout: the training kernel; the same outputs and gradients as
+    # PyTorch's attention (a machine whose build failed)
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 0.0, cross=cross).train()
+    x = torch.randn(3, 6, 32, requires_grad=True)
+    mem = torch.randn(3, 5, 32, requires_grad=True)
+    mask = random_mask(3, 5, torch.Generator().manual_seed(1))
+
+    def run():
+        if cross:
+            k, v = attn.project_kv(mem)
+            o = attn.attend(attn.split(attn.q(x)), k, v, mask)
+        else:
+            o = attn.attend(*attn.project_qkv(x), causal=True)
+        out = attn.out(attn.merge(o))
+        grads = torch.autograd.grad(out.square().sum(), [x, mem, *attn.parameters()], allow_unused=True)
+        return out, grads
+
+    calls = []
+    real = kernels.attend_train
+    monkeypatch.setattr(kernels, "attend_train", lambda *a: calls.append(1) or real(*a))
+    fast, fast_grads = run()
+    assert calls, "the training kernel was not used"
+    monkeypatch.setitem(kernels._state, "ops", None)
+    slow, slow_grads = run()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, slow_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_dropout_keeps_pytorch_path():

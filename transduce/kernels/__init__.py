@@ -1,4 +1,4 @@
-"""CPU kernels for inference, compiled on first use and cached per machine.
+"""CPU kernels for inference and training attention, compiled on first use and cached per machine.
 
 `attention.cpp` does a whole attention (scores, softmax, weighted values,
 merged heads) in one pass: a decoding step's attention is a few dozen keys
@@ -10,16 +10,19 @@ having it copied per step; `attend_step` takes a step's queries as (rows,
 d_model). `norm.cpp` adds a residual, a projection's bias and a LayerNorm in
 one pass. `linear.cpp` runs a feed-forward block in row blocks whose hidden
 layer stays in the core's cache, and int8 linear layers (models/quantize.py):
-rows quantized, multiplied by `torch._int_mm` and scaled back in one call. models/transformer.py's `_kernel_step` and `_kernel_encode` run
-inference on them. Training keeps PyTorch's ops (a backward attention
-kernel of the same design ran no faster per training step:
-docs/benchmarks.md).
+rows quantized, multiplied by `torch._int_mm` and scaled back in one call.
+models/transformer.py's `_kernel_step` and `_kernel_encode` run inference on
+them. `attention_train.cpp` is attention with gradients (forward keeping the
+probabilities, backward from them) for training on short rows, where
+PyTorch's flash kernel spends most of its time setting up blocks
+(`attend_train`, used by models/layers.py's `Attention` whenever gradients
+are needed and there is no attention dropout).
 
 The kernels are built with PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
 naming the sources, the PyTorch version and the CPU. `make install` builds them
 (`python -m transduce.kernels`); without a compiler, or with
-`TRANSDUCE_KERNELS=0`, inference uses PyTorch's ops (and says so once).
+`TRANSDUCE_KERNELS=0`, inference and training use PyTorch's ops (and say so once).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 
 log = logging.getLogger("transduce")
 
-SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "norm.cpp", "linear.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "linear.cpp")]
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
@@ -99,7 +102,7 @@ def ops():
                 build()
                 _state["ops"] = torch.ops.transduce
             except Exception as e:  # no compiler, no ninja, a read-only cache: PyTorch's ops still work
-                log.warning("transduce: CPU kernels unavailable (%s: %s); inference uses PyTorch's ops "
+                log.warning("transduce: CPU kernels unavailable (%s: %s); PyTorch's ops are used instead "
                             "(set TRANSDUCE_KERNELS=0 to skip the attempt)", type(e).__name__,
                             str(e).strip().splitlines()[-1] if str(e).strip() else "")
     return _state["ops"]
@@ -133,3 +136,50 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return None
     n, h, tq, dh = q.shape
     return o.attend(q, k, v, m, group, causal, scale).view(n, tq, h, dh).transpose(1, 2)
+
+
+class _TrainAttention(torch.autograd.Function):
+    """attention_train.cpp's forward (keeping the probabilities) and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale):
+        out, probs = ops().attention_train(q, k, v, mask, causal, scale)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale = scale
+        return out  # (B, Tq, H * dh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, probs = ctx.saved_tensors
+        b, h, tq, dh = q.shape
+        if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum
+            grad = grad.contiguous()
+        g = grad.unflatten(-1, (h, dh)).transpose(1, 2)  # (B, H, Tq, dh)
+        dq, dk, dv = ops().attention_train_backward(g, q, k, v, probs, ctx.scale)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
+def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                 scale: float) -> torch.Tensor | None:
+    """Attention with gradients on the training kernels: (B, H, Tq, dh), or None where they do not apply.
+
+    q (B, H, Tq, dh), k, v (B, H, Tk, dh), innermost dim contiguous (the
+    split heads of a projection); mask None or bool (B, 1, 1, Tk), True =
+    attend. float32 CPU tensors only, no dropout (the caller checks). The
+    result is a view of heads merged in memory, so merging them again costs
+    no copy; so are the gradients of q, k and v.
+    """
+    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32):
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.shape[0] != q.shape[0]:
+        return None
+    m = _NO_MASK
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) \
+                or mask.shape[0] != k.shape[0] or mask.shape[3] != k.shape[2]:
+            return None
+        m = mask[:, 0, 0, :]
+    if ops() is None:
+        return None
+    b, h, tq, dh = q.shape
+    return _TrainAttention.apply(q, k, v, m, causal, scale).view(b, tq, h, dh).transpose(1, 2)

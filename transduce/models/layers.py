@@ -164,6 +164,12 @@ class Attention(nn.Module):
             probs = scores.softmax(-1)
             weights.append(probs)
             return probs @ v
+        if p == 0.0 and torch.is_grad_enabled():
+            # Training (or any pass that needs gradients) on short rows: the training kernels,
+            # ~2x PyTorch's flash kernel forward + backward at G2P lengths (docs/benchmarks.md).
+            out = kernels.attend_train(q, k, v, mask, causal, self.dh ** -0.5)
+            if out is not None:
+                return out
         if not self.training and not causal and q.shape[-2] <= DECODE_QUERIES:
             # A decoding step (a query or a few per row against short keys): plain matmuls beat the
             # SDPA kernel's per-row set-up here (about 2x at 200 rows, 1.3x at 1,000).

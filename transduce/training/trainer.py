@@ -365,9 +365,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         saved_step = state["step"]
 
     # -- loop -----------------------------------------------------------------
-    if dev_pairs and ctx.is_main:
-        # Dev evaluations decode on the CPU kernels: build (first time on this machine) and load
-        # them before the clock starts, not inside the first evaluation's share of the budget.
+    if ctx.device.type == "cpu" or (dev_pairs and ctx.is_main):
+        # Attention trains on the CPU kernels, and dev evaluations decode on them: build (first
+        # time on this machine) and load them before the clock starts, not inside the budget.
         from transduce import kernels
 
         kernels.ops()
