@@ -37,6 +37,7 @@ import torch
 log = logging.getLogger("transduce")
 
 SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "linear.cpp")]
+HEADERS = [Path(__file__).with_name("rows.h")]  # included by the sources: part of the build's key
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
@@ -66,7 +67,7 @@ def build_dir() -> Path:
     root = Path(os.environ.get("TRANSDUCE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
                                                            Path.home() / ".cache") / "transduce")
     h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES), torch.__version__.encode(), " ".join(CFLAGS).encode(), _cpu_flags().encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), torch.__version__.encode(), " ".join(CFLAGS).encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
     return root / "kernels" / h.hexdigest()[:16]
@@ -109,6 +110,28 @@ def ops():
 
 
 _NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
+def _key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels' (M, Tk) mask (empty for none) if they apply to these tensors, else None.
+
+    They take float32 CPU tensors whose innermost dim is contiguous, and a
+    key-padding mask: bool (M, 1, 1, Tk), True = attend; and they must have
+    been built.
+    """
+    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32):
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    m = _NO_MASK
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) \
+                or mask.shape[0] != k.shape[0] or mask.shape[3] != k.shape[2]:
+            return None
+        m = mask[:, 0, 0, :]
+    return m if ops() is not None else None
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, group: int,
            causal: bool, scale: float) -> torch.Tensor | None:
     """The fused kernel's attention (N, H, Tq, dh), or None where it does not apply.
@@ -119,23 +142,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     devices) is left to the caller's PyTorch path. No dropout: the caller
     checks.
     """
-    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
-        return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    m = _NO_MASK
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) \
-                or mask.shape[0] != k.shape[0] or mask.shape[3] != k.shape[2]:
-            return None
-        m = mask[:, 0, 0, :]
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return None
-    o = ops()
-    if o is None:
+    m = _key_padding(q, k, v, mask)
+    if m is None:
         return None
     n, h, tq, dh = q.shape
-    return o.attend(q, k, v, m, group, causal, scale).view(n, tq, h, dh).transpose(1, 2)
+    return ops().attend(q, k, v, m, group, causal, scale).view(n, tq, h, dh).transpose(1, 2)
 
 
 class _TrainAttention(torch.autograd.Function):
@@ -169,17 +182,8 @@ def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     result is a view of heads merged in memory, so merging them again costs
     no copy; so are the gradients of q, k and v.
     """
-    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32):
-        return None
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.shape[0] != q.shape[0]:
-        return None
-    m = _NO_MASK
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) \
-                or mask.shape[0] != k.shape[0] or mask.shape[3] != k.shape[2]:
-            return None
-        m = mask[:, 0, 0, :]
-    if ops() is None:
+    m = _key_padding(q, k, v, mask) if k.shape[0] == q.shape[0] else None
+    if m is None:
         return None
     b, h, tq, dh = q.shape
     return _TrainAttention.apply(q, k, v, m, causal, scale).view(b, tq, h, dh).transpose(1, 2)

@@ -26,18 +26,11 @@
 #include <limits>
 #include <vector>
 
+#include "rows.h"
+
 namespace {
 
-// Built with -ffast-math (vectorised exp): no infinities anywhere. A masked key gets a bias of
-// -1e30, whose exp(score - top) is exactly 0; a query with every key masked gets zeros (as PyTorch's
-// SDPA does).
-constexpr float kMasked = -1e30f;
-
-// Keys are padded to a multiple of the vector width: the loops over keys run whole vectors (G2P
-// rows have 5-20 keys; a scalar remainder loop would be most of the work). Padded keys are zero
-// in kt and masked in bias.
-constexpr int64_t kLanes = 8;
-inline int64_t padded(int64_t tk) { return (tk + kLanes - 1) / kLanes * kLanes; }
+using namespace transduce_kernels;
 
 struct Scratch {
   int64_t tkp;
@@ -45,71 +38,20 @@ struct Scratch {
   explicit Scratch(int64_t tk, int64_t dh) : tkp(padded(tk)), kt(tkp * dh, 0.f), bias(tkp, kMasked), s(tkp) {}
 };
 
-// dst (dh, tkp) = src (tk, dh) rows `step` apart; columns tk.. stay zero
-template <int DH>
-inline void transpose(const float* src, int64_t step, int64_t tk, int64_t dh_runtime, int64_t tkp,
-                      float* __restrict__ dst) {
-  const int64_t dh = DH > 0 ? DH : dh_runtime;
-  for (int64_t t = 0; t < tk; ++t) {
-    const float* __restrict__ row = src + t * step;
-    for (int64_t d = 0; d < dh; ++d) dst[d * tkp + t] = row[d];
-  }
-}
-
 inline void fill_bias(const bool* mask, int64_t step, int64_t tk, float* __restrict__ bias) {
   for (int64_t t = 0; t < tk; ++t) bias[t] = (mask == nullptr || mask[t * step]) ? 0.f : kMasked;
 }
 
 // s[0, tkp) = scale * (q . keys) + bias for keys before len, kMasked after; keys transposed
-// (dh, tkp). Returns the largest.
+// (dh, tkp), their sums in registers up to 32 keys (rows.h). Returns the largest.
 template <int DH>
 inline float scores(const float* __restrict__ q, const float* __restrict__ kt, const float* __restrict__ bias,
                     int64_t tkp, int64_t len, int64_t dh_runtime, float scale, float* __restrict__ s) {
-  const int64_t dh = DH > 0 ? DH : dh_runtime;
-  for (int64_t t = 0; t < tkp; ++t) s[t] = 0.f;
-  for (int64_t d = 0; d < dh; ++d) {
-    const float qd = q[d];
-    const float* __restrict__ row = kt + d * tkp;
-#pragma omp simd
-    for (int64_t t = 0; t < tkp; ++t) s[t] += qd * row[t];
-  }
+  row_sums_any<DH>(q, kt, tkp, dh_runtime, s);
   float top = kMasked;
 #pragma omp simd reduction(max : top)
   for (int64_t t = 0; t < tkp; ++t) {
     s[t] = t < len ? s[t] * scale + bias[t] : kMasked;
-    top = std::max(top, s[t]);
-  }
-  return top;
-}
-
-// `scores` for up to NV * kLanes keys (NV a constant): the sums stay in registers, in four partial
-// sums over dh, so the multiply-adds do not wait on each other (with one accumulator in memory a
-// query's 32 steps ran one at a time).
-template <int DH, int NV>
-inline float scores_short(const float* __restrict__ q, const float* __restrict__ kt, const float* __restrict__ bias,
-                          int64_t len, int64_t dh_runtime, float scale, float* __restrict__ s) {
-  constexpr int64_t W = NV * kLanes, P = 4;
-  const int64_t dh = DH > 0 ? DH : dh_runtime;
-  float acc[P][W] = {};
-  int64_t d = 0;
-  for (; d + P <= dh; d += P) {
-    for (int64_t p = 0; p < P; ++p) {
-      const float qd = q[d + p];
-      const float* __restrict__ row = kt + (d + p) * W;
-#pragma omp simd
-      for (int64_t t = 0; t < W; ++t) acc[p][t] += qd * row[t];
-    }
-  }
-  for (; d < dh; ++d) {
-    const float qd = q[d];
-#pragma omp simd
-    for (int64_t t = 0; t < W; ++t) acc[0][t] += qd * kt[d * W + t];
-  }
-  float top = kMasked;
-#pragma omp simd reduction(max : top)
-  for (int64_t t = 0; t < W; ++t) {
-    const float v = ((acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t])) * scale + bias[t];
-    s[t] = t < len ? v : kMasked;
     top = std::max(top, s[t]);
   }
   return top;
@@ -159,22 +101,11 @@ inline void forward_unit(const float* q, int64_t q_row_step, int64_t q_step, int
       if (direct) {
         top = direct_scores<DH>(qi, k, k_step, w.bias.data(), tkp, len, dh, scale, s);
       } else {
-        switch (tkp / kLanes) {
-          case 1: top = scores_short<DH, 1>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
-          case 2: top = scores_short<DH, 2>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
-          case 3: top = scores_short<DH, 3>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
-          case 4: top = scores_short<DH, 4>(qi, w.kt.data(), w.bias.data(), len, dh, scale, s); break;
-          default: top = scores<DH>(qi, w.kt.data(), w.bias.data(), tkp, len, dh, scale, s);
-        }
+        top = scores<DH>(qi, w.kt.data(), w.bias.data(), tkp, len, dh, scale, s);
       }
       for (int64_t d = 0; d < dh; ++d) o[d] = 0.f;
       if (top <= 0.5f * kMasked) continue;  // no key to attend to: zeros
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < tkp; ++t) {
-        s[t] = expf(s[t] - top);
-        sum += s[t];
-      }
+      const float sum = exp_shifted(s, tkp, top);
       for (int64_t t = 0; t < len; ++t) {
         const float p = s[t];
         const float* __restrict__ vt = v + t * v_step;

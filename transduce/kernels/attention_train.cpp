@@ -27,85 +27,11 @@
 #include <tuple>
 #include <vector>
 
+#include "rows.h"
+
 namespace {
 
-// Built with -ffast-math: no infinities; a masked key's score is -1e30, whose exp is exactly 0.
-constexpr float kMasked = -1e30f;
-constexpr int64_t kLanes = 8;
-inline int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-// dst (dh, tp) = src (t, dh) rows `step` apart; columns t.. are zero
-template <int DH>
-inline void transpose(const float* src, int64_t step, int64_t t_len, int64_t dh_runtime, int64_t tp,
-                      float* __restrict__ dst) {
-  const int64_t dh = DH > 0 ? DH : dh_runtime;
-  for (int64_t t = 0; t < t_len; ++t) {
-    const float* __restrict__ row = src + t * step;
-    for (int64_t d = 0; d < dh; ++d) dst[d * tp + t] = row[d];
-  }
-}
-
-// s[0, tp) = sum_d x[d] * mt[d, :]: one row against every column of a transposed matrix, in four
-// partial sums over d so the multiply-adds do not wait on each other. NV > 0: tp == NV * kLanes,
-// and the sums stay in registers (most rows here have at most 32 keys).
-template <int DH, int NV>
-inline void row_times(const float* __restrict__ x, const float* __restrict__ mt, int64_t tp, int64_t dh_runtime,
-                      float* __restrict__ s) {
-  constexpr int64_t P = 4, W = NV > 0 ? NV * kLanes : 1;
-  const int64_t dh = DH > 0 ? DH : dh_runtime;
-  if constexpr (NV > 0) {
-    float acc[P][W] = {};
-    int64_t d = 0;
-    for (; d + P <= dh; d += P) {
-      for (int64_t p = 0; p < P; ++p) {
-        const float xd = x[d + p];
-        const float* __restrict__ row = mt + (d + p) * W;
-#pragma omp simd
-        for (int64_t t = 0; t < W; ++t) acc[p][t] += xd * row[t];
-      }
-    }
-    for (; d < dh; ++d) {
-      const float xd = x[d];
-#pragma omp simd
-      for (int64_t t = 0; t < W; ++t) acc[0][t] += xd * mt[d * W + t];
-    }
-#pragma omp simd
-    for (int64_t t = 0; t < W; ++t) s[t] = (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
-  } else {
-    for (int64_t t = 0; t < tp; ++t) s[t] = 0.f;
-    for (int64_t d = 0; d < dh; ++d) {
-      const float xd = x[d];
-      const float* __restrict__ row = mt + d * tp;
-#pragma omp simd
-      for (int64_t t = 0; t < tp; ++t) s[t] += xd * row[t];
-    }
-  }
-}
-
-template <int DH>
-inline void row_times_any(const float* x, const float* mt, int64_t tp, int64_t dh, float* s) {
-  switch (tp / kLanes) {
-    case 1: row_times<DH, 1>(x, mt, tp, dh, s); break;
-    case 2: row_times<DH, 2>(x, mt, tp, dh, s); break;
-    case 3: row_times<DH, 3>(x, mt, tp, dh, s); break;
-    case 4: row_times<DH, 4>(x, mt, tp, dh, s); break;
-    default: row_times<DH, 0>(x, mt, tp, dh, s);
-  }
-}
-
-// s[t] = exp(s[t] - top) for t < tp, returning the sum. Differences below -87 (exp < 1.7e-38, as
-// masked keys' -1e30) give exactly 0 without reaching the vector exp's slow path for underflow.
-inline float exp_shifted(float* __restrict__ s, int64_t tp, float top) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < tp; ++t) {
-    const float x = s[t] - top;
-    const float e = expf(x < -87.f ? -87.f : x);
-    s[t] = x < -87.f ? 0.f : e;
-    sum += s[t];
-  }
-  return sum;
-}
+using namespace transduce_kernels;
 
 struct Shape {
   int64_t b, h, tq, tk, dh;
@@ -137,7 +63,7 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       float* prob = pp + u * tq * tk;
       for (int64_t i = 0; i < tq; ++i) {
         const int64_t len = causal ? tk - tq + i + 1 : tk;
-        row_times_any<DH>(qr + i * q2, kt.data(), tkp, dh, s.data());
+        row_sums_any<DH>(qr + i * q2, kt.data(), tkp, dh, s.data());
         float top = kMasked;
 #pragma omp simd reduction(max : top)
         for (int64_t t = 0; t < tkp; ++t) {
@@ -210,7 +136,7 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
         float* __restrict__ dq = DH > 0 ? local : dq_out;
         for (int64_t d = 0; d < dh; ++d) dq[d] = 0.f;
         // dP[t] = g_i . v_t; the softmax's gradient dS = P * (dP - sum_t P dP)
-        row_times_any<DH>(gi, vt.data(), tkp, dh, dp.data());
+        row_sums_any<DH>(gi, vt.data(), tkp, dh, dp.data());
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t t = 0; t < tk; ++t) dot += p[t] * dp[t];

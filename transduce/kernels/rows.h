@@ -1,0 +1,95 @@
+// Helpers shared by the attention kernels (attention.cpp, attention_train.cpp): keys laid out
+// transposed in whole vectors, and one row's products with all of them.
+#pragma once
+
+#include <cstdint>
+
+namespace transduce_kernels {
+
+// Built with -ffast-math (vectorised exp): no infinities anywhere. A masked key gets a score of
+// -1e30, whose exp(score - top) is exactly 0; a query with every key masked gets zeros (as
+// PyTorch's SDPA does).
+constexpr float kMasked = -1e30f;
+
+// Keys are padded to a multiple of the vector width: the loops over keys run whole vectors (G2P
+// rows have 5-20 keys; a scalar remainder loop would be most of the work). Padded keys are zero
+// in the transposed keys and masked in the scores.
+constexpr int64_t kLanes = 8;
+inline int64_t padded(int64_t t) { return (t + kLanes - 1) / kLanes * kLanes; }
+
+// dst (dh, tp) = src (t_len, dh), rows `step` apart; columns t_len.. are left as they are (zero)
+template <int DH>
+inline void transpose(const float* src, int64_t step, int64_t t_len, int64_t dh_runtime, int64_t tp,
+                      float* __restrict__ dst) {
+  const int64_t dh = DH > 0 ? DH : dh_runtime;
+  for (int64_t t = 0; t < t_len; ++t) {
+    const float* __restrict__ row = src + t * step;
+    for (int64_t d = 0; d < dh; ++d) dst[d * tp + t] = row[d];
+  }
+}
+
+// s[0, tp) = sum_d x[d] * mt[d, :]: one row against every column of a transposed matrix (dh, tp).
+// NV > 0 (tp == NV * kLanes): the sums stay in registers, in four partial sums over d so the
+// multiply-adds do not wait on each other (with one accumulator in memory a query's 32 steps ran
+// one at a time). NV == 0: any tp, summed in s.
+template <int DH, int NV>
+inline void row_sums(const float* __restrict__ x, const float* __restrict__ mt, int64_t tp, int64_t dh_runtime,
+                     float* __restrict__ s) {
+  constexpr int64_t P = 4, W = NV > 0 ? NV * kLanes : 1;
+  const int64_t dh = DH > 0 ? DH : dh_runtime;
+  if constexpr (NV > 0) {
+    float acc[P][W] = {};
+    int64_t d = 0;
+    for (; d + P <= dh; d += P) {
+      for (int64_t p = 0; p < P; ++p) {
+        const float xd = x[d + p];
+        const float* __restrict__ row = mt + (d + p) * W;
+#pragma omp simd
+        for (int64_t t = 0; t < W; ++t) acc[p][t] += xd * row[t];
+      }
+    }
+    for (; d < dh; ++d) {
+      const float xd = x[d];
+#pragma omp simd
+      for (int64_t t = 0; t < W; ++t) acc[0][t] += xd * mt[d * W + t];
+    }
+#pragma omp simd
+    for (int64_t t = 0; t < W; ++t) s[t] = (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
+  } else {
+    for (int64_t t = 0; t < tp; ++t) s[t] = 0.f;
+    for (int64_t d = 0; d < dh; ++d) {
+      const float xd = x[d];
+      const float* __restrict__ row = mt + d * tp;
+#pragma omp simd
+      for (int64_t t = 0; t < tp; ++t) s[t] += xd * row[t];
+    }
+  }
+}
+
+// row_sums for any tp, in registers up to 4 vectors (32 keys).
+template <int DH>
+inline void row_sums_any(const float* x, const float* mt, int64_t tp, int64_t dh, float* s) {
+  switch (tp / kLanes) {
+    case 1: row_sums<DH, 1>(x, mt, tp, dh, s); break;
+    case 2: row_sums<DH, 2>(x, mt, tp, dh, s); break;
+    case 3: row_sums<DH, 3>(x, mt, tp, dh, s); break;
+    case 4: row_sums<DH, 4>(x, mt, tp, dh, s); break;
+    default: row_sums<DH, 0>(x, mt, tp, dh, s);
+  }
+}
+
+// s[t] = exp(s[t] - top) for t < tp, returning the sum. Differences below -87 (exp < 1.7e-38, as
+// masked keys' -1e30) give exactly 0 without reaching the vector exp's slow path for underflow.
+inline float exp_shifted(float* __restrict__ s, int64_t tp, float top) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < tp; ++t) {
+    const float x = s[t] - top;
+    const float e = expf(x < -87.f ? -87.f : x);
+    s[t] = x < -87.f ? 0.f : e;
+    sum += s[t];
+  }
+  return sum;
+}
+
+}  // namespace transduce_kernels
