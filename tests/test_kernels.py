@@ -183,9 +183,26 @@ def test_training_kernel_query_without_keys_gets_zeros_and_no_gradient():
 def test_training_kernel_declines_what_it_does_not_do():
     q = torch.randn(2, 2, 3, 8, requires_grad=True)
     assert kernels.attend_train(q.double(), q.double(), q.double(), None, False, 1.0) is None
-    per_query = torch.ones(2, 1, 3, 3, dtype=torch.bool)  # a mask per query, not key padding
-    assert kernels.attend_train(q, q, q, per_query, False, 1.0) is None
+    shared = torch.ones(1, 1, 3, 3, dtype=torch.bool)  # one mask broadcast over the rows
+    assert kernels.attend_train(q, q, q, shared, False, 1.0) is None
     assert kernels.attend_train(q, q, q, None, False, 1.0) is not None
+
+
+def test_training_kernel_takes_a_mask_per_query():
+    # the single-stack families' masks: a prefix LM's source sees itself both ways, its target causally
+    from transduce.models.lm import attention_mask
+
+    src_mask = torch.tensor([[True, True, True], [True, True, False]])
+    mask = attention_mask(src_mask, 4, bidirectional_source=True)[:, None]  # (B, 1, 7, 7)
+    leaves, q, k, v, _ = train_case(2, 3, 7, 7, 32, True, False, seed=11)
+    out = kernels.attend_train(q, k, v, mask, False, 32 ** -0.5)
+    assert out is not None
+    ref = reference(q, k, v, mask, 1, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * w).sum(), leaves)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), leaves)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("cross", [False, True])

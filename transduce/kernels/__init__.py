@@ -177,13 +177,21 @@ def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     """Attention with gradients on the training kernels: (B, H, Tq, dh), or None where they do not apply.
 
     q (B, H, Tq, dh), k, v (B, H, Tk, dh), innermost dim contiguous (the
-    split heads of a projection); mask None or bool (B, 1, 1, Tk), True =
-    attend. float32 CPU tensors only, no dropout (the caller checks). The
-    result is a view of heads merged in memory, so merging them again costs
-    no copy; so are the gradients of q, k and v.
+    split heads of a projection); mask None or bool, True = attend: (B, 1,
+    1, Tk) for padded keys or (B, 1, Tq, Tk) per query (the single-stack
+    families' masks). float32 CPU tensors only, no dropout (the caller
+    checks). The result is a view of heads merged in memory, so merging them
+    again costs no copy; so are the gradients of q, k and v.
     """
-    m = _key_padding(q, k, v, mask) if k.shape[0] == q.shape[0] else None
+    if k.shape[0] != q.shape[0]:
+        return None
+    per_query = (mask is not None and mask.dtype == torch.bool and mask.dim() == 4
+                 and mask.shape[:2] == (k.shape[0], 1) and mask.shape[2:] == (q.shape[2], k.shape[2])
+                 and q.shape[2] > 1)
+    m = _key_padding(q, k, v, None if per_query else mask)
     if m is None:
         return None
+    if per_query:
+        m = mask[:, 0]  # (B, Tq, Tk)
     b, h, tq, dh = q.shape
     return _TrainAttention.apply(q, k, v, m, causal, scale).view(b, tq, h, dh).transpose(1, 2)

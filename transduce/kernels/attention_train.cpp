@@ -9,7 +9,8 @@
 //
 //   attention_train(q, k, v, mask, causal, scale) -> (out, probs)
 //     q (B, H, Tq, dh), k, v (B, H, Tk, dh): any strides, innermost contiguous (the heads of a
-//     fused projection, unsplit); mask (B, Tk) bool, true = attend, or empty; causal: query i sees
+//     fused projection, unsplit); mask bool, true = attend: (B, Tk) for padded keys, (B, Tq, Tk)
+//     for a mask per query (a prefix LM's), any strides, or empty; causal: query i sees
 //     keys [0, Tk - Tq + i]. out (B, Tq, H * dh) contiguous (heads merged); probs (B, H, Tq, Tk).
 //     A query that sees no key gets zeros (as PyTorch's SDPA), and zero gradients.
 //   attention_train_backward(grad, q, k, v, probs, scale) -> (dq, dk, dv)
@@ -39,7 +40,7 @@ struct Shape {
 
 template <int DH>
 void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mp, int64_t mask_row,
-                 int64_t mask_step, bool causal, float scale, const Shape& z, float* op, float* pp) {
+                 int64_t mask_q, int64_t mask_step, bool causal, float scale, const Shape& z, float* op, float* pp) {
   const int64_t dh = DH > 0 ? DH : z.dh, tkp = padded(z.tk), tq = z.tq, tk = z.tk;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -57,11 +58,15 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       const float* kr = kp + r * k0 + head * k1;
       const float* vr = vp + r * v0 + head * v1;
       transpose<DH>(kr, k2, tk, dh, tkp, kt.data());
-      for (int64_t t = 0; t < tkp; ++t) {
-        bias[t] = (t < tk && (mp == nullptr || mp[r * mask_row + t * mask_step])) ? 0.f : kMasked;
-      }
+      // the keys' mask: the row's, or (mask_q != 0) each query's, filled at that query
+      auto fill_bias = [&](int64_t i) {
+        const bool* m = mp == nullptr ? nullptr : mp + r * mask_row + i * mask_q;
+        for (int64_t t = 0; t < tkp; ++t) bias[t] = (t < tk && (m == nullptr || m[t * mask_step])) ? 0.f : kMasked;
+      };
+      fill_bias(0);
       float* prob = pp + u * tq * tk;
       for (int64_t i = 0; i < tq; ++i) {
+        if (mask_q != 0 && i > 0) fill_bias(i);
         const int64_t len = causal ? tk - tq + i + 1 : tk;
         row_sums_any<DH>(qr + i * q2, kt.data(), tkp, dh, s.data());
         float top = kMasked;
@@ -179,20 +184,24 @@ std::tuple<at::Tensor, at::Tensor> attention_train(const at::Tensor& q, const at
   TORCH_CHECK(!causal || z.tq <= z.tk, "attention_train: causal needs no more queries than keys");
   const bool has_mask = mask.defined() && mask.numel();
   if (has_mask) {
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == z.b && mask.size(1) == z.tk,
-                "attention_train: mask must be bool (rows, keys)");
+    TORCH_CHECK(mask.scalar_type() == at::kBool &&
+                    ((mask.dim() == 2 && mask.size(0) == z.b && mask.size(1) == z.tk) ||
+                     (mask.dim() == 3 && mask.size(0) == z.b && mask.size(1) == z.tq && mask.size(2) == z.tk)),
+                "attention_train: mask must be bool (rows, keys) or (rows, queries, keys)");
   }
   auto out = at::empty({z.b, z.tq, z.h * z.dh}, q.options());
   auto probs = at::empty({z.b, z.h, z.tq, z.tk}, q.options());
   if (z.b * z.h * z.tq == 0) return {out, probs};
   TORCH_CHECK(z.tk > 0, "attention_train: no keys");
   const bool* mp = has_mask ? mask.data_ptr<bool>() : nullptr;
-  const int64_t mr = has_mask ? mask.stride(0) : 0, ms = has_mask ? mask.stride(1) : 0;
+  const bool per_query = has_mask && mask.dim() == 3;
+  const int64_t mr = has_mask ? mask.stride(0) : 0, mq = per_query ? mask.stride(1) : 0;
+  const int64_t ms = has_mask ? mask.stride(mask.dim() - 1) : 0;
   const float sc = static_cast<float>(scale);
   switch (z.dh) {
-    case 32: forward_run<32>(q, k, v, mp, mr, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>()); break;
-    case 64: forward_run<64>(q, k, v, mp, mr, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>()); break;
-    default: forward_run<0>(q, k, v, mp, mr, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>());
+    case 32: forward_run<32>(q, k, v, mp, mr, mq, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>()); break;
+    case 64: forward_run<64>(q, k, v, mp, mr, mq, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>()); break;
+    default: forward_run<0>(q, k, v, mp, mr, mq, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>());
   }
   return {out, probs};
 }
