@@ -172,8 +172,14 @@ class _TrainAttention(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
 
 
+# Keys per row up to which training attention runs on the kernel: up to 32 its sums stay in
+# registers and it beats PyTorch's flash kernel (2.1x at 12 keys, 1.06x at 32); beyond, flash's
+# blocking wins (0.63x at 48, 0.41x at 256; forward + backward, docs/benchmarks.md).
+TRAIN_MAX_KEYS = 32
+
+
 def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                 scale: float) -> torch.Tensor | None:
+                 scale: float, max_keys: int | None = TRAIN_MAX_KEYS) -> torch.Tensor | None:
     """Attention with gradients on the training kernels: (B, H, Tq, dh), or None where they do not apply.
 
     q (B, H, Tq, dh), k, v (B, H, Tk, dh), innermost dim contiguous (the
@@ -181,9 +187,10 @@ def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     1, Tk) for padded keys or (B, 1, Tq, Tk) per query (the single-stack
     families' masks). float32 CPU tensors only, no dropout (the caller
     checks). The result is a view of heads merged in memory, so merging them
-    again costs no copy; so are the gradients of q, k and v.
+    again costs no copy; so are the gradients of q, k and v. Rows of more
+    than `max_keys` keys are left to PyTorch (None: any length).
     """
-    if k.shape[0] != q.shape[0]:
+    if k.shape[0] != q.shape[0] or k.shape[2] == 0 or (max_keys is not None and k.shape[2] > max_keys):
         return None
     per_query = (mask is not None and mask.dtype == torch.bool and mask.dim() == 4
                  and mask.shape[:2] == (k.shape[0], 1) and mask.shape[2:] == (q.shape[2], k.shape[2])
