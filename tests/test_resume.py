@@ -75,7 +75,9 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(toy, tmp_pat
         wait_s = g.uniform(0.2, 3.0)
         t0 = time.monotonic()
         while p.poll() is None and time.monotonic() < deadline:
-            if plan == "time" and time.monotonic() - t0 >= wait_s:
+            # (by half the run at the latest: on a fast machine 3 s can be the whole run, and the next
+            # attempts need steps left to be killed in)
+            if plan == "time" and (time.monotonic() - t0 >= wait_s or logged_steps(run) >= STEPS // 2):
                 break
             if plan == "save" and saving(run):
                 break
