@@ -5,14 +5,18 @@
 The model is recipes/g2p_cmudict.yaml's (`--config`), with `--set` overrides.
 
 Prints one table: tokens/s (source + target non-pad tokens) for each, the
-ratio, and estimated model FLOP/s as a fraction of the fp32 matmul peak
-measured in the same run. The systems run in turns, `--repeat` rounds,
+ratios, and estimated model FLOP/s as a fraction of the matmul peak of its
+precision measured in the same run. transduce runs as the config resolves
+`train.bf16` (the recipe's `auto`: bf16 autocast on a CPU with AMX) and, if
+that is bf16, in fp32 too; HF BART in fp32 (as its users train it) and with
+bf16 autocast. The systems run in turns, `--repeat` rounds,
 each keeping its fastest round (the host's speed drifts by the minute).
 Needs the `bench` extra (transformers).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -21,11 +25,12 @@ from transduce.config import load_config
 from transduce.data.pipeline import encode_pairs, epoch_batches, fit_codecs, load_splits
 from transduce.hoststeal import Steal
 from transduce.models import build_model
+from transduce.precision import use_bf16
 from transduce.training.trainer import make_optimizer, sequence_loss
 
 
-def matmul_peak(threads: int) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_peak(threads: int, dtype=torch.float32) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     t = time.perf_counter()
     for _ in range(10):
@@ -46,7 +51,12 @@ def linear_flops(model: torch.nn.Module, batch) -> float:
                      for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
-def run_transduce(cfg, batches, steps, warm):
+def precision(bf16: bool):
+    """bf16 autocast for the matmuls (fp32 master weights), as `train.bf16` does, or fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def run_transduce(cfg, batches, steps, warm, bf16=False):
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg._src_v, cfg._tgt_v).train()
     opt = make_optimizer(model, cfg.train)
@@ -54,7 +64,9 @@ def run_transduce(cfg, batches, steps, warm):
     for i, b in enumerate(batches[: warm + steps]):
         if i == warm:
             t0, tokens, flops = time.perf_counter(), 0, 0.0
-        loss = sequence_loss(model(b), b.labels, 0.1) / b.n_tgt_tokens
+        with precision(bf16):
+            logits = model(b)
+        loss = sequence_loss(logits, b.labels, 0.1) / b.n_tgt_tokens
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -64,7 +76,7 @@ def run_transduce(cfg, batches, steps, warm):
     return tokens / dt, flops / dt
 
 
-def run_hf(cfg, batches, steps, warm, vocab):
+def run_hf(cfg, batches, steps, warm, vocab, bf16=False):
     from hf_bart import bart
 
     torch.manual_seed(0)
@@ -75,8 +87,9 @@ def run_hf(cfg, batches, steps, warm, vocab):
         if i == warm:
             t0, tokens, flops = time.perf_counter(), 0, 0.0
         labels = b.labels.masked_fill(b.labels == 0, -100)
-        out = model(input_ids=b.src, attention_mask=b.src_mask.long(), decoder_input_ids=b.tgt_in,
-                    decoder_attention_mask=(b.tgt_in != 0).long(), labels=labels)
+        with precision(bf16):
+            out = model(input_ids=b.src, attention_mask=b.src_mask.long(), decoder_input_ids=b.tgt_in,
+                        decoder_attention_mask=(b.tgt_in != 0).long(), labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -106,22 +119,35 @@ def main():
     # Exactly `pairs` pairs per batch (token budget high enough never to bind).
     batches = [b for _, b in epoch_batches(data, 10 ** 9, args.pairs, seed=0, epoch=0)]
     batches = [b for b in batches if b.src.shape[0] == args.pairs][: args.warmup + args.steps]
+    # transduce as the config resolves train.bf16 (the recipe: auto, bf16 on a CPU with AMX) and in
+    # fp32; HF BART as its users train it (fp32) and with bf16 autocast.
+    bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))
+    systems = {"transduce" + (" bf16" if bf16 else " fp32"): lambda: run_transduce(cfg, batches, args.steps, args.warmup, bf16)}
+    if bf16:
+        systems["transduce fp32"] = lambda: run_transduce(cfg, batches, args.steps, args.warmup, False)
+    vocab = max(cfg._src_v, cfg._tgt_v)
+    systems["HF BART fp32"] = lambda: run_hf(cfg, batches, args.steps, args.warmup, vocab, False)
+    systems["HF BART bf16"] = lambda: run_hf(cfg, batches, args.steps, args.warmup, vocab, True)
+    best = {name: (0.0, 0.0) for name in systems}
     with Steal() as steal:
-        peak = matmul_peak(args.threads)
-        (ours, ours_f), (hf, hf_f) = (0.0, 0.0), (0.0, 0.0)
+        peak = {torch.float32: matmul_peak(args.threads), torch.bfloat16: matmul_peak(args.threads, torch.bfloat16)}
         for _ in range(args.repeat):
-            ours, ours_f = max((ours, ours_f), run_transduce(cfg, batches, args.steps, args.warmup))
-            hf, hf_f = max((hf, hf_f), run_hf(cfg, batches, args.steps, args.warmup,
-                                               vocab=max(cfg._src_v, cfg._tgt_v)))
-            peak = max(peak, matmul_peak(args.threads))
+            for name, run in systems.items():
+                best[name] = max(best[name], run())
+            for dtype in peak:
+                peak[dtype] = max(peak[dtype], matmul_peak(args.threads, dtype))
     print(steal.report())
-    print(f"fp32 matmul peak (2048^3, {args.threads} threads, fastest of {args.repeat + 1}): {peak / 1e9:.0f} GFLOP/s")
+    print(f"matmul peak (2048^3, {args.threads} threads, fastest of {args.repeat + 1}): fp32 "
+          f"{peak[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")
     print(f"fastest of {args.repeat} rounds per system, run in turns")
-    print(f"| system | tokens/s | model GFLOP/s | of peak |")
-    print(f"|---|---:|---:|---:|")
-    print(f"| transduce | {ours:,.0f} | {ours_f / 1e9:.0f} | {ours_f / peak:.0%} |")
-    print(f"| HF BART | {hf:,.0f} | {hf_f / 1e9:.0f} | {hf_f / peak:.0%} |")
-    print(f"ratio transduce / HF: {ours / hf:.2f}x")
+    print("| system | tokens/s | model GFLOP/s | of its precision's peak |")
+    print("|---|---:|---:|---:|")
+    for name, (tok, flops) in best.items():
+        p = peak[torch.bfloat16 if name.endswith("bf16") else torch.float32]
+        print(f"| {name} | {tok:,.0f} | {flops / 1e9:.0f} | {flops / p:.0%} |")
+    ours = next(iter(best))
+    for hf in ("HF BART fp32", "HF BART bf16"):
+        print(f"ratio {ours} / {hf}: {best[ours][0] / best[hf][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -522,3 +522,21 @@ def test_gelu_of_the_ffn_kernel_is_exact_gelu():
     got = kernels.ops().int8_ffn(x, eye, one, torch.empty(0), 2, eye, one)
     # each row's single value quantizes to +-127 exactly, so the result is GELU(x) quantized alike
     assert torch.allclose(got, nn.GELU()(x), rtol=1e-5, atol=2e-6)
+
+
+def test_training_kernel_under_bf16_autocast_runs_in_float32():
+    # under autocast the projections hand over bf16: the kernel takes them in float32 (flash in bf16
+    # was 4x its time), gradients flow back to the bf16 projections as bf16
+    leaves, q, k, v, mask = train_case(3, 4, 9, 9, 32, False, True, seed=3)
+    q16, k16, v16 = (x.bfloat16() for x in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.attend_train(q16, k16, v16, mask, False, 32 ** -0.5)
+    assert out is not None and out.dtype == torch.float32
+    ref = F.scaled_dot_product_attention(q16.float(), k16.float(), v16.float(), attn_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), leaves[:1])
+    (ref_grad,) = torch.autograd.grad(ref.sum(), leaves[:1])
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    # outside autocast, bf16 tensors stay PyTorch's
+    assert kernels.attend_train(q16, k16, v16, mask, False, 32 ** -0.5) is None

@@ -185,7 +185,9 @@ class TrainConfig:
     eps: float = 1e-9
     label_smoothing: float = 0.1     # mass spread over the vocabulary in the loss
     clip_norm: float = 1.0           # max global gradient norm (0 = no clipping)
-    bf16: bool = False               # bf16 autocast for matmuls (fp32 master weights)
+    # bf16 autocast for matmuls (fp32 master weights); "auto": where the hardware multiplies bf16
+    # natively (a CPU with AMX, a CUDA GPU), fp32 elsewhere (transduce/precision.py)
+    bf16: Union[bool, Literal["auto"]] = False
     log_every: int = 50              # steps between metrics.jsonl lines
     eval_every: int = 1000           # steps between dev evaluations (0 = only at the end)
     eval_max_items: int = 1000       # dev examples decoded per evaluation (0 = all)

@@ -192,6 +192,10 @@ def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     """
     if k.shape[0] != q.shape[0] or k.shape[2] == 0 or (max_keys is not None and k.shape[2] > max_keys):
         return None
+    if q.dtype == k.dtype == v.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        # bf16 autocast: the kernel runs in float32 (PyTorch's flash kernel in bf16 took 4x its time
+        # at G2P lengths); the casts are small next to either, and the output projection casts back.
+        q, k, v = q.float(), k.float(), v.float()
     per_query = (mask is not None and mask.dtype == torch.bool and mask.dim() == 4
                  and mask.shape[:2] == (k.shape[0], 1) and mask.shape[2:] == (q.shape[2], k.shape[2])
                  and q.shape[2] > 1)

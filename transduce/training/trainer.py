@@ -43,6 +43,7 @@ from transduce.models import build_model
 from transduce.tasks import task_for
 from transduce.training.warmstart import initial_weights
 from transduce.training import distributed
+from transduce.precision import use_bf16
 from transduce.training.schedule import lr_at
 
 log = logging.getLogger("transduce")
@@ -328,7 +329,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
 
     metric = cfg.eval.metrics[0]
     view = LoadedRun(cfg, model, src_codec, tgt_codec, state, run_dir)
-    autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if tc.bf16 else nullcontext
+    bf16 = use_bf16(tc.bf16, ctx.device)
+    autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
     def evaluate() -> dict:
         """Dev metrics (rank 0 only); decoding runs on the CPU."""

@@ -1,0 +1,51 @@
+"""Which precision training runs its matmuls in: `train.bf16: true | false | auto`.
+
+bf16 autocast (fp32 master weights, loss in fp32) pays only where the
+hardware multiplies bf16 natively: on a CPU with AMX (Sapphire Rapids and
+later) bf16 matmuls run ~6x fp32's rate and a G2P training step 1.4-1.9x
+faster; on a CPU without it PyTorch emulates them at a quarter of fp32's
+rate and training runs ~2x slower (docs/benchmarks.md). `auto` takes bf16
+where it pays: a CUDA device that supports it, or a CPU with AMX bf16.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger("transduce")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively (AMX on a CPU; bf16 support on CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return {"amx_bf16", "amx_tile"} <= cpu_flags()
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """`train.bf16` resolved for `device`: true and false as they are, "auto" by the hardware."""
+    if setting == "auto":
+        chosen = native_bf16(device)
+        log.info("train.bf16 auto: %s (%s)", "bf16 autocast" if chosen else "fp32",
+                 f"{device.type} {'with' if chosen else 'without'} native bf16 matmuls"
+                 + (" (AMX)" if device.type == "cpu" else ""))
+        return chosen
+    if setting and not native_bf16(device):
+        log.warning("train.bf16 is on but this %s has no native bf16 matmuls (on a CPU: no AMX): PyTorch "
+                    "emulates them, about 2x slower than fp32; `bf16: auto` chooses by the hardware", device.type)
+    return bool(setting)
