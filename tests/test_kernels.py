@@ -540,3 +540,56 @@ def test_training_kernel_under_bf16_autocast_runs_in_float32():
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
     # outside autocast, bf16 tensors stay PyTorch's
     assert kernels.attend_train(q16, k16, v16, mask, False, 32 ** -0.5) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_kernel_drops_p_scales_the_rest_and_backward_uses_the_same_mask(dtype):
+    from transduce.models.layers import Dropout
+
+    drop = Dropout(0.1).train()  # 26/256 of the elements
+    torch.manual_seed(0)
+    x = (torch.rand(1000, 1003) + 0.5).to(dtype).requires_grad_()  # no zeros; an odd size
+    out = drop(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    kept = out != 0
+    assert abs(kept.float().mean().item() - (1 - 26 / 256)) < 0.002
+    torch.testing.assert_close(out[kept], (x[kept].float() * 256 / 230).to(dtype))
+    w = torch.randn(x.shape).to(dtype)
+    (grad,) = torch.autograd.grad((out * w).sum(), [x])
+    assert torch.equal(grad != 0, kept & (w != 0))  # the forward's mask, recomputed
+    torch.testing.assert_close(grad[kept], (w[kept].float() * 256 / 230).to(dtype))
+    # the generator decides the mask: the same state draws it again, the next draw differs
+    torch.manual_seed(0)
+    torch.rand(1000, 1003)
+    again = drop(x.detach())
+    assert torch.equal(again, out.detach()) and not torch.equal(drop(x.detach()), again)
+    # masks do not repeat along the tensor (the seed is hashed with each 8-element block's index)
+    rows = (out != 0).view(-1)[: 1000 * 1000].view(1000, 1000)
+    assert not torch.equal(rows[0], rows[1])
+
+
+def test_dropout_kernel_masks_do_not_depend_on_threads():
+    x = torch.ones(300, 700)
+    outs = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(3)
+            outs.append(kernels.dropout(x, 26))
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_dropout_without_kernels_or_on_other_dtypes_keeps_the_byte_mask(monkeypatch):
+    from transduce.models.layers import Dropout
+
+    drop = Dropout(0.5).train()
+    assert kernels.dropout(torch.ones(10, dtype=torch.float64), 128) is None
+    out = drop(torch.ones(64, 64, dtype=torch.float64))
+    assert out.dtype == torch.float64 and set(out.unique().tolist()) == {0.0, 2.0}
+    monkeypatch.setitem(kernels._state, "ops", None)
+    out = drop(torch.ones(64, 64))
+    assert set(out.unique().tolist()) == {0.0, 2.0} and 0.4 < (out == 0).float().mean() < 0.6
+    assert torch.equal(drop.eval()(torch.ones(3)), torch.ones(3))

@@ -16,7 +16,9 @@ them. `attention_train.cpp` is attention with gradients (forward keeping the
 probabilities, backward from them) for training on short rows, where
 PyTorch's flash kernel spends most of its time setting up blocks
 (`attend_train`, used by models/layers.py's `Attention` whenever gradients
-are needed and there is no attention dropout).
+are needed and there is no attention dropout). `dropout.cpp` is inverted
+dropout in one pass whose mask is a hash of a seed and the element's index,
+so the backward pass recomputes it instead of storing it (`dropout`).
 
 The kernels are built with PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
@@ -36,7 +38,8 @@ import torch
 
 log = logging.getLogger("transduce")
 
-SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "linear.cpp")]
+SOURCES = [Path(__file__).with_name(f)
+           for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "linear.cpp", "dropout.cpp")]
 HEADERS = [Path(__file__).with_name("rows.h")]  # included by the sources: part of the build's key
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
@@ -206,3 +209,27 @@ def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         m = mask[:, 0]  # (B, Tq, Tk)
     b, h, tq, dh = q.shape
     return _TrainAttention.apply(q, k, v, m, causal, scale).view(b, tq, h, dh).transpose(1, 2)
+
+
+class _Dropout(torch.autograd.Function):
+    """dropout.cpp: the backward pass applies the forward's mask (the same seed) to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, seed, threshold, scale):
+        ctx.args = (seed, threshold, scale)
+        return ops().dropout_apply(x, seed, threshold, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ops().dropout_apply(grad, *ctx.args), None, None, None
+
+
+def dropout(x: torch.Tensor, threshold: int) -> torch.Tensor | None:
+    """Inverted dropout of the elements whose random byte is below `threshold` (p = threshold / 256),
+    kept ones scaled by 256 / (256 - threshold); None where the kernel does not apply (not a float32
+    or bfloat16 CPU tensor, or no kernels). The seed comes from torch's default generator, so a run
+    that restores its generator state draws the same masks again."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or ops() is None:
+        return None
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    return _Dropout.apply(x, seed, threshold, 256.0 / (256 - threshold))
