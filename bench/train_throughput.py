@@ -7,7 +7,7 @@ The model is recipes/g2p_cmudict.yaml's (`--config`), with `--set` overrides.
 Prints one table: tokens/s (source + target non-pad tokens) for each, the
 ratios, and estimated model FLOP/s as a fraction of the matmul peak of its
 precision measured in the same run. transduce runs as the config resolves
-`train.bf16` (the recipe's `auto`: bf16 autocast on a CPU with AMX) and, if
+`train.bf16` (the recipe's `auto`: bf16 autocast on a CPU with AMX or AVX512-BF16) and, if
 that is bf16, in fp32 too; HF BART in fp32 (as its users train it) and with
 bf16 autocast. The systems run in turns, `--repeat` rounds,
 each keeping its fastest round (the host's speed drifts by the minute).
@@ -119,7 +119,7 @@ def main():
     # Exactly `pairs` pairs per batch (token budget high enough never to bind).
     batches = [b for _, b in epoch_batches(data, 10 ** 9, args.pairs, seed=0, epoch=0)]
     batches = [b for b in batches if b.src.shape[0] == args.pairs][: args.warmup + args.steps]
-    # transduce as the config resolves train.bf16 (the recipe: auto, bf16 on a CPU with AMX) and in
+    # transduce as the config resolves train.bf16 (the recipe: auto, bf16 where the CPU has native bf16) and in
     # fp32; HF BART as its users train it (fp32) and with bf16 autocast.
     bf16 = use_bf16(cfg.train.bf16, torch.device("cpu"))
     systems = {"transduce" + (" bf16" if bf16 else " fp32"): lambda: run_transduce(cfg, batches, args.steps, args.warmup, bf16)}

@@ -13,15 +13,19 @@ from transduce.training.trainer import train
 
 CPU = torch.device("cpu")
 AMX = frozenset({"fpu", "avx512f", "amx_bf16", "amx_tile", "amx_int8"})
+AVX512_BF16 = frozenset({"fpu", "avx512f", "avx512_vnni", "avx512_bf16"})
 NO_AMX = frozenset({"fpu", "avx512f", "avx512_vnni"})
 
 
-@pytest.mark.parametrize("flags,expected", [(AMX, True), (NO_AMX, False), (frozenset(), False)])
-def test_auto_takes_bf16_only_where_the_cpu_has_amx(monkeypatch, caplog, flags, expected):
+@pytest.mark.parametrize("flags,expected,kind", [(AMX, True, "AMX"), (AVX512_BF16, True, "AVX512-BF16"),
+                                                 (NO_AMX, False, None), (frozenset(), False, None)])
+def test_auto_takes_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, caplog, flags, expected, kind):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     with caplog.at_level(logging.INFO, logger="transduce"):
         assert precision.use_bf16("auto", CPU) is expected
     assert ("bf16 autocast" if expected else "fp32") in caplog.text
+    if kind:
+        assert f"({kind})" in caplog.text
 
 
 def test_explicit_settings_are_kept_and_bf16_without_amx_is_warned_about(monkeypatch, caplog):

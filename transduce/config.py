@@ -186,7 +186,7 @@ class TrainConfig:
     label_smoothing: float = 0.1     # mass spread over the vocabulary in the loss
     clip_norm: float = 1.0           # max global gradient norm (0 = no clipping)
     # bf16 autocast for matmuls (fp32 master weights); "auto": where the hardware multiplies bf16
-    # natively (a CPU with AMX, a CUDA GPU), fp32 elsewhere (transduce/precision.py)
+    # natively (a CPU with AMX or AVX512-BF16, a CUDA GPU), fp32 elsewhere (transduce/precision.py)
     bf16: Union[bool, Literal["auto"]] = False
     log_every: int = 50              # steps between metrics.jsonl lines
     eval_every: int = 1000           # steps between dev evaluations (0 = only at the end)

@@ -1,11 +1,13 @@
 """Which precision training runs its matmuls in: `train.bf16: true | false | auto`.
 
 bf16 autocast (fp32 master weights, loss in fp32) pays only where the
-hardware multiplies bf16 natively: on a CPU with AMX (Sapphire Rapids and
-later) bf16 matmuls run ~6x fp32's rate and a G2P training step 1.4-1.9x
-faster; on a CPU without it PyTorch emulates them at a quarter of fp32's
-rate and training runs ~2x slower (docs/benchmarks.md). `auto` takes bf16
-where it pays: a CUDA device that supports it, or a CPU with AMX bf16.
+hardware multiplies bf16 natively: on a CPU with AMX (Intel Sapphire Rapids
+and later) bf16 matmuls ran ~6x fp32's rate and a G2P training step 1.4-1.9x
+faster; with AVX512-BF16 dot products (an AMD EPYC here; Intel Cooper Lake)
+~4x and 2.0x; on a CPU with neither PyTorch emulates them at a quarter of
+fp32's rate and training runs ~2x slower (docs/benchmarks.md). `auto` takes
+bf16 where it pays: a CUDA device that supports it, or a CPU with AMX bf16 or
+AVX512-BF16.
 """
 from __future__ import annotations
 
@@ -31,10 +33,17 @@ def cpu_flags() -> frozenset[str]:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices natively (AMX on a CPU; bf16 support on CUDA)."""
+    """Whether `device` multiplies bf16 matrices natively (on a CPU: AMX or AVX512-BF16; on CUDA: bf16 support)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return {"amx_bf16", "amx_tile"} <= cpu_flags()
+    flags = cpu_flags()
+    return {"amx_bf16", "amx_tile"} <= flags or "avx512_bf16" in flags
+
+
+def cpu_bf16_kind() -> str:
+    """Which native bf16 this CPU has, for logs: "AMX", "AVX512-BF16" or "none"."""
+    flags = cpu_flags()
+    return "AMX" if {"amx_bf16", "amx_tile"} <= flags else "AVX512-BF16" if "avx512_bf16" in flags else "none"
 
 
 def use_bf16(setting: bool | str, device: torch.device) -> bool:
@@ -43,9 +52,9 @@ def use_bf16(setting: bool | str, device: torch.device) -> bool:
         chosen = native_bf16(device)
         log.info("train.bf16 auto: %s (%s)", "bf16 autocast" if chosen else "fp32",
                  f"{device.type} {'with' if chosen else 'without'} native bf16 matmuls"
-                 + (" (AMX)" if device.type == "cpu" else ""))
+                 + (f" ({cpu_bf16_kind()})" if chosen and device.type == "cpu" else ""))
         return chosen
     if setting and not native_bf16(device):
-        log.warning("train.bf16 is on but this %s has no native bf16 matmuls (on a CPU: no AMX): PyTorch "
+        log.warning("train.bf16 is on but this %s has no native bf16 matmuls (on a CPU: neither AMX nor AVX512-BF16): PyTorch "
                     "emulates them, about 2x slower than fp32; `bf16: auto` chooses by the hardware", device.type)
     return bool(setting)
