@@ -35,7 +35,7 @@ def test_kernel_builds_here():
     assert kernels.ops() is not None
 
 
-@pytest.mark.parametrize("dh", [32, 64, 24])
+@pytest.mark.parametrize("dh", [32, 48, 64, 24])
 @pytest.mark.parametrize("group", [1, 5])
 def test_one_query_per_row_matches(dh, group):
     g = torch.Generator().manual_seed(dh + group)
@@ -153,6 +153,7 @@ def train_case(b, h, tq, tk, dh, causal, masked, seed):
     (9, 13, 32, False, True),    # cross-attention, padded source
     (1, 5, 64, False, True),
     (12, 12, 24, False, True),   # dh the kernel has no special case for
+    (10, 11, 48, False, True),   # d_model 192 with 4 heads
     (30, 30, 32, True, False),   # 32 keys: the last width held in registers
     (40, 40, 32, False, True),   # more keys than that: sums in memory (not used in training: slower)
 ])
@@ -257,9 +258,10 @@ def test_attention_dropout_keeps_pytorch_path():
 
 @pytest.mark.parametrize("indirect", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect, dtype):
+@pytest.mark.parametrize("dh", [16, 48])  # any dh, and one with a case of its own
+def test_self_step_writes_the_cache_and_attends_the_positions_so_far(indirect, dtype, dh):
     g = torch.Generator().manual_seed(4)
-    n, h, dh, tmax, t = 6, 4, 16, 9, 5
+    n, h, tmax, t = 6, 4, 9, 5
     d = h * dh
     # through a table, the cache may have more rows than hypotheses (sources dropped from a search)
     cache_rows = n + 3 if indirect else n

@@ -171,6 +171,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (q.numel() == 0) return out;
   switch (q.size(3)) {
     case 32: run<32>(q, k, v, mask, group, causal, scale, out); break;
+    case 48: run<48>(q, k, v, mask, group, causal, scale, out); break;
     case 64: run<64>(q, k, v, mask, group, causal, scale, out); break;
     default: run<0>(q, k, v, mask, group, causal, scale, out);
   }
@@ -324,6 +325,7 @@ at::Tensor self_step(const at::Tensor& qkv, const at::Tensor& bias, const at::Te
   }
   switch (dh) {
     case 32: SELF_STEP(32); break;
+    case 48: SELF_STEP(48); break;
     case 64: SELF_STEP(64); break;
     default: SELF_STEP(0);
   }

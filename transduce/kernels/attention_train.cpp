@@ -200,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor> attention_train(const at::Tensor& q, const at
   const float sc = static_cast<float>(scale);
   switch (z.dh) {
     case 32: forward_run<32>(q, k, v, mp, mr, mq, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>()); break;
+    case 48: forward_run<48>(q, k, v, mp, mr, mq, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>()); break;
     case 64: forward_run<64>(q, k, v, mp, mr, mq, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>()); break;
     default: forward_run<0>(q, k, v, mp, mr, mq, ms, causal, sc, z, out.data_ptr<float>(), probs.data_ptr<float>());
   }
@@ -229,6 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_train_backward(const at
   const float* pp = probs.data_ptr<float>();
   switch (z.dh) {
     case 32: backward_run<32>(grad, q, k, v, pp, sc, z, dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()); break;
+    case 48: backward_run<48>(grad, q, k, v, pp, sc, z, dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()); break;
     case 64: backward_run<64>(grad, q, k, v, pp, sc, z, dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()); break;
     default: backward_run<0>(grad, q, k, v, pp, sc, z, dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
   }
