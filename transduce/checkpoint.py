@@ -270,11 +270,16 @@ def set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device | str =
 
 def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict,
                     best: bool, keep: int, rng: dict[str, torch.Tensor] | None = None,
-                    texts: dict[str, str] | None = None) -> None:
+                    texts: dict[str, str] | None = None, averaged: bool = False) -> None:
     """Write checkpoints/<name> atomically, then point index.json at it.
 
+    `model`: the module, or its tensors (as `average_checkpoints` gives);
     `rng`: generator states to store (default: this process's, as rank 0);
     `texts`: further small files (the codecs), checksummed like the rest.
+    `averaged`: weights averaged over checkpoints, not a point training can
+    resume from: named in the index as "averaged" (and "best" if `best`),
+    never as "last", and kept out of the history; the previous averaged
+    checkpoint goes unless it is still the best.
     An OSError (disk full, no permission) leaves no trace and the previous
     checkpoint and index.json untouched.
     """
@@ -285,7 +290,7 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict,
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_tensors(model_tensors(model), tmp / "model.safetensors")
+        save_tensors(model if isinstance(model, dict) else model_tensors(model), tmp / "model.safetensors")
         files = ["model.safetensors"]
         if optimizer is not None:
             opt_tensors, opt_meta = optimizer_split(optimizer)
@@ -315,14 +320,22 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict,
         raise
     index_path = ckpt_root / "index.json"
     index = read_json(index_path) if index_path.exists() else {}
-    index["last"] = name
+    roles = ("last", "best", "averaged")
+    before = {index.get(r) for r in roles} | set(index.get("history", []))
+    history = index.get("history", [])
+    if averaged:
+        index["averaged"] = name
+    else:
+        index["last"] = name
+        history = [n for n in history if n != name] + [name]
     if best:
         index["best"] = name
-    history = [n for n in index.get("history", []) if n != name] + [name]
-    protected = {index["last"], index.get("best")}
+    protected = {index.get(r) for r in roles}
     removable = [n for n in history if n not in protected]
-    drop = removable[: max(0, len(removable) - max(0, keep - 1))]
-    index["history"] = [n for n in history if n not in drop]
+    index["history"] = [n for n in history if n not in removable[: max(0, len(removable) - max(0, keep - 1))]]
+    # whatever the index no longer names goes (a step checkpoint past `keep`, an averaged one
+    # neither best nor the latest average)
+    drop = sorted(n for n in before - protected - set(index["history"]) - {None, name})
     atomic_write_json(index_path, index)
     for n in drop:  # renamed first, so a crash never leaves a half-deleted checkpoint under its name
         if (ckpt_root / n).is_dir():
@@ -341,7 +354,7 @@ def checkpoint_dir(run_dir: Path, which: str = "best") -> Path | None:
     if not index_path.exists():
         return None
     index = read_json(index_path)
-    name = index.get(which) or index.get("last")
+    name = index.get(which) or index.get("last") or index.get("best")  # averaged weights alone: no "last"
     if not name:
         raise CheckpointError(f"{index_path}: names no checkpoint")
     path = index_path.parent / name
@@ -352,6 +365,108 @@ def checkpoint_dir(run_dir: Path, which: str = "best") -> Path | None:
             log.warning("%s: names %s, which is missing or incomplete; using %s", index_path, name, other)
             return index_path.parent / other
     raise CheckpointError(f"{index_path}: names {name}, but {path} is missing or incomplete")
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete step checkpoints (not averaged ones), oldest first, as index.json lists them."""
+    index_path = Path(run_dir) / "checkpoints" / "index.json"
+    if not index_path.exists():
+        return []
+    index = read_json(index_path)
+    return [index_path.parent / n for n in index.get("history", [])
+            if (index_path.parent / n / "state.json").is_file()]
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The elementwise mean of the model weights of `paths` (checkpoints of one model).
+
+    As in Vaswani et al. (2017) and fairseq's average_checkpoints: floating-point
+    tensors are summed in float64 and returned in their own dtype; any other
+    tensor (an integer buffer) must be the same in every checkpoint. Checkpoints
+    whose tensors differ in names, shapes or dtypes are a CheckpointError naming
+    the file.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    first = Path(paths[0]) / "model.safetensors"
+    for i, path in enumerate(paths):
+        _, tensors = read_checkpoint(Path(path))
+        where = Path(path) / "model.safetensors"
+        if i == 0:
+            total = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+            dtypes = {k: v.dtype for k, v in tensors.items()}
+            continue
+        if set(tensors) != set(total):
+            missing, extra = sorted(set(total) - set(tensors)), sorted(set(tensors) - set(total))
+            raise CheckpointError(f"{where}: holds other tensors than {first} (missing {missing[:3]}, "
+                                  f"extra {extra[:3]}); only checkpoints of one model can be averaged")
+        for k, v in tensors.items():
+            if v.shape != total[k].shape or v.dtype != dtypes[k]:
+                raise CheckpointError(f"{where}: tensor {k} is {v.dtype} {tuple(v.shape)}, in {first} "
+                                      f"{dtypes[k]} {tuple(total[k].shape)}")
+            if v.is_floating_point():
+                total[k] += v
+            elif not torch.equal(v, total[k]):
+                raise CheckpointError(f"{where}: tensor {k} ({v.dtype}) differs from {first}; only "
+                                      "floating-point tensors can be averaged")
+    return {k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()}
+
+
+def average_run(run_dir: Path, out_dir: Path, last: int) -> list[str]:
+    """Write the mean of `run_dir`'s last `last` step checkpoints as the run directory `out_dir`.
+
+    `out_dir` gets the config and vocabularies and one checkpoint (best, no
+    optimizer state): translate, evaluate, export and train.init_from take it,
+    resuming training from it is refused. It appears all at once (written
+    aside, then renamed); an existing non-empty `out_dir` is never touched.
+    Returns the names of the checkpoints averaged.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if last < 2:
+        raise ValueError(f"--last must be at least 2 (got {last})")
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
+    paths = step_checkpoints(run_dir)
+    if len(paths) < last:
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints' / 'index.json'}: lists {len(paths)} step checkpoint(s), fewer than the "
+            f"{last} to average; train with --set train.keep_checkpoints={last} to keep that many")
+    paths = paths[-last:]
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir}: exists and is not an empty directory; name a new one")
+    if out_dir.resolve() == run_dir.resolve():
+        raise CheckpointError(f"{out_dir}: is the run directory itself; name a new one")
+    tensors = average_checkpoints(paths)
+    names = [p.name for p in paths]
+    state = read_json(paths[-1] / "state.json")
+    for key in ("files", "optimizer"):
+        state.pop(key, None)
+    texts = {}
+    for fname in ("source_codec.json", "target_codec.json"):
+        try:
+            texts[fname] = (run_dir / fname).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CheckpointError(f"{run_dir / fname}: missing") from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")
+        for fname, text in texts.items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+        save_checkpoint(tmp, f"average-{names[0]}-{names[-1]}", tensors, None, dict(state, averaged_from=names),
+                        best=True, keep=1, rng={}, texts=texts, averaged=True)
+        fsync_dir(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.rename(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names
 
 
 def read_checkpoint(path: Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""Command line: `transduce train | translate | evaluate | classify | tag | generate | score | info`.
+"""Command line: `transduce train | translate | evaluate | average | export | attention | classify | tag |
+generate | score | info`.
 
 A thin layer over importable functions; every option is documented in --help.
 """
@@ -265,6 +266,14 @@ def _export(args) -> int:
     return 0
 
 
+def _average(args) -> int:
+    from transduce.checkpoint import average_run
+
+    names = average_run(Path(args.model), Path(args.out_dir), args.last)
+    print(json.dumps({"averaged": names, "path": args.out_dir}))
+    return 0
+
+
 def _workers(args) -> int | None:
     n = getattr(args, "workers", None)
     if n is not None and n < 1:
@@ -356,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight quantization (default: none, float32)")
     ex.add_argument("out_dir", help="output directory (replaced if it exists)")
     ex.set_defaults(func=_export)
+
+    av = sub.add_parser("average", help="average the weights of a run's last checkpoints into a new run directory",
+                        description="Write the elementwise mean of the weights of RUN_DIR's last N step "
+                                    "checkpoints as a run directory of its own, for translate, evaluate, "
+                                    "export or train.init_from (train.average_last does it during training, "
+                                    "scored on dev).")
+    av.add_argument("--model", required=True, help="run directory")
+    av.add_argument("--last", type=int, default=5, metavar="N",
+                    help="how many of the newest step checkpoints (default 5; train.keep_checkpoints must have "
+                         "kept them)")
+    av.add_argument("out_dir", help="new run directory to write (must not exist, or be empty)")
+    av.set_defaults(func=_average)
 
     def labelling(q):
         q.add_argument("--model", required=True, help="run directory")

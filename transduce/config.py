@@ -193,6 +193,10 @@ class TrainConfig:
     eval_max_items: int = 1000       # dev examples decoded per evaluation (0 = all)
     patience: int = 0                # stop after this many evaluations without improvement (0 = off)
     keep_checkpoints: int = 2        # step checkpoints kept besides best
+    # At the end, the mean of the weights of the last N step checkpoints (Vaswani et al. 2017),
+    # scored on dev and made "best" if it beats every single checkpoint (0 = off; keeps at least
+    # N checkpoints). `transduce average` does it afterwards, into a run directory of its own.
+    average_last: int = 0
     save_every: int = 0              # steps between checkpoints besides evaluations (0 = at evals only)
     max_bad_steps: int = 20          # consecutive non-finite updates tolerated before stopping
     init_from: Optional[str] = None  # start from another run's best weights (fine-tuning)
@@ -209,6 +213,8 @@ class TrainConfig:
             raise ValueError("label_smoothing must be in [0, 1)")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if self.average_last < 0 or self.average_last == 1:
+            raise ValueError(f"average_last must be 0 (off) or at least 2 checkpoints (got {self.average_last})")
 
 
 @dataclass

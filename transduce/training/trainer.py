@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from transduce import hoststeal
-from transduce.checkpoint import (CheckpointError, RunDirWriteError, checkpoint_dir, load_model_tensors,
-                                  load_tensors, optimizer_join, read_checkpoint, read_json, rng_state,
-                                  save_checkpoint, set_rng_state)
+from transduce.checkpoint import (CheckpointError, RunDirWriteError, average_checkpoints, checkpoint_dir,
+                                  load_model_tensors, load_tensors, optimizer_join, read_checkpoint, read_json,
+                                  rng_state, save_checkpoint, set_rng_state, step_checkpoints)
 from transduce.config import DECAYS, Config, config_from_dict, load_config, save_config
 from transduce.data.pipeline import (Batch, collate, epoch_plan, group_references,
                                      load_splits, shuffled)
@@ -51,7 +51,8 @@ log = logging.getLogger("transduce")
 # Config fields that may change when a run is resumed (budgets and reporting).
 RESUMABLE_CHANGES = {"train.max_steps", "train.max_epochs", "train.max_minutes", "train.log_every",
                      "train.eval_every", "train.patience", "train.keep_checkpoints", "train.save_every",
-                     "train.threads", "decode", "eval.dev_beam", "train.eval_max_items", "train.device"}
+                     "train.threads", "decode", "eval.dev_beam", "train.eval_max_items", "train.device",
+                     "train.average_last"}
 CODEC_FILES = ("source_codec.json", "target_codec.json")
 
 
@@ -283,6 +284,11 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
     last = checkpoint_dir(run_dir, "last")
     saved, tensors = read_checkpoint(last) if last is not None else (None, None)
     if last is not None:
+        if saved.get("averaged_from"):
+            raise CheckpointError(
+                f"{last}: weights averaged over checkpoints (transduce average), not a point training can "
+                f"resume from (no optimizer state); to train on from them, start a new run with --set "
+                f"train.init_from={run_dir}")
         check_resumable(cfg, run_dir, last, saved)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
@@ -344,6 +350,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         model.train()
         return result
 
+    keep = max(tc.keep_checkpoints, tc.average_last)
+
     def checkpoint(best: bool) -> None:
         """Every rank's generator states, written with the rest by rank 0."""
         nonlocal saved_step
@@ -354,7 +362,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             meta = dict(state, config=cfg.to_dict(), fingerprint=fingerprint(cfg, codec_texts),
                         world_size=ctx.world)
             try:
-                save_checkpoint(run_dir, name, model, optimizer, meta, best, tc.keep_checkpoints,
+                save_checkpoint(run_dir, name, model, optimizer, meta, best, keep,
                                 rng={f"rank{r}.{k}": v for r, d in enumerate(rng) for k, v in d.items()},
                                 texts=codec_texts)
             except OSError as e:
@@ -526,10 +534,51 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             "(see the skipped updates in metrics.jsonl).")
     if state["step"] > 0 and saved_step != state["step"]:
         _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience, ctx)
+    if tc.average_last and state["step"] > 0:
+        error = None
+        if ctx.is_main:
+            try:
+                _average_last(cfg, run_dir, state, view, dev_pairs, metrics_log,
+                              dict(config=cfg.to_dict(), fingerprint=fingerprint(cfg, codec_texts),
+                                   world_size=ctx.world), codec_texts)
+            except Exception as e:
+                error = e
+        ctx.raise_if_any(error)
     state["stop_reason"] = stop_reason
     log.info("stopped (%s) at step %d after %.1f min; best dev %s %s at step %s", stop_reason, state["step"],
              state["elapsed_s"] / 60, metric, state["best"], state["best_step"])
     return state
+
+
+def _average_last(cfg: Config, run_dir: Path, state: dict, view: LoadedRun, dev_pairs, metrics_log,
+                  meta: dict, codec_texts: dict[str, str]) -> None:
+    """train.average_last: average the last N step checkpoints, score the mean on dev, save it
+    (as "best" if it beats the best single checkpoint)."""
+    n = cfg.train.average_last
+    paths = step_checkpoints(run_dir)[-n:]
+    if len(paths) < 2:
+        log.info("train.average_last=%d: only %d checkpoint saved, nothing to average", n, len(paths))
+        return
+    names = [p.name for p in paths]
+    tensors = average_checkpoints(paths)
+    model = build_model(cfg.model, len(view.source.vocab), len(view.target.vocab))
+    load_model_tensors(model, tensors, paths[-1] / "model.safetensors")
+    model.eval()
+    metric = cfg.eval.metrics[0]
+    t = time.monotonic()
+    result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam, model=model)
+    best = is_better(metric, result[metric], state["best"])
+    log.info("average of the last %d checkpoints (%s .. %s): dev %s%s", len(paths), names[0], names[-1],
+             json.dumps(result), f"; better than {state['best']} at step {state['best_step']}, now best"
+             if best else f"; not better than {state['best']} at step {state['best_step']}")
+    metrics_log.write({"step": state["step"], "dev_averaged": result, "averaged_from": names,
+                       "eval_s": round(time.monotonic() - t, 2)})
+    name = f"average-{names[0]}-{names[-1]}"
+    save_checkpoint(run_dir, name, tensors, None, dict(state, averaged_from=names, dev=result, **meta),
+                    best, cfg.train.keep_checkpoints, rng={}, texts=codec_texts, averaged=True)
+    state["averaged"] = {"checkpoint": name, "from": names, metric: result[metric], "best": best}
+    if best:
+        state["best"], state["best_step"] = result[metric], state["step"]
 
 
 def _restore_rng(path: Path, saved_world: int, ctx: distributed.Dist, seed: int) -> None:
