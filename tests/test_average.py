@@ -12,6 +12,7 @@ from tests.toyrun import records, toy_config, toy_data, write_config, toy_raw
 from transduce.checkpoint import (CheckpointError, average_checkpoints, average_run, checkpoint_dir,
                                   read_checkpoint, read_json, save_checkpoint, step_checkpoints)
 from transduce.cli import main
+from transduce.config import config_from_dict
 from transduce.inference import load_run, translate
 from transduce.training.trainer import train
 
@@ -107,10 +108,15 @@ def test_average_command_writes_a_usable_run_directory(toy_run, capsys):
     assert "not a point training can resume from" in capsys.readouterr().err
 
 
+def _per_config(data: Path, steps: int):
+    raw = toy_raw(data, max_steps=steps, save_every=0, eval_every=10, keep_checkpoints=1, average_last=3)
+    raw["eval"] = {"metrics": ["per"]}  # lower is better, and fine-grained
+    return config_from_dict(raw)
+
+
 def test_train_average_last_scores_the_mean_on_dev(tmp_path):
-    run = tmp_path / "run"
-    state = train(toy_config(toy_data(tmp_path), max_steps=30, save_every=0, eval_every=10, keep_checkpoints=1,
-                             average_last=3), run, progress=False)
+    run, data = tmp_path / "run", toy_data(tmp_path)
+    state = train(_per_config(data, 30), run, progress=False)
     averaged = [r for r in records(run) if "dev_averaged" in r]
     assert len(averaged) == 1
     assert averaged[0]["averaged_from"] == ["step-0000010", "step-0000020", "step-0000030"]
@@ -118,11 +124,34 @@ def test_train_average_last_scores_the_mean_on_dev(tmp_path):
     name = "average-step-0000010-step-0000030"
     assert index["averaged"] == name and index["last"] == "step-0000030"
     assert state["averaged"]["checkpoint"] == name
-    dev_single = max(r["dev"]["seq_acc"] for r in records(run) if "dev" in r)
-    assert state["averaged"]["best"] == (averaged[0]["dev_averaged"]["seq_acc"] > dev_single)
+    dev_single = min(r["dev"]["per"] for r in records(run) if "dev" in r)
+    assert state["averaged"]["best"] == (averaged[0]["dev_averaged"]["per"] < dev_single)
     assert (index["best"] == name) == state["averaged"]["best"]
     saved, _ = read_checkpoint(run / "checkpoints" / name)
     assert saved["dev"] == averaged[0]["dev_averaged"]
+
+    # resumed for longer: the best is the best of every evaluation, the averages' included
+    state = train(_per_config(data, 50), run, progress=False)
+    scores = [r["dev"]["per"] for r in records(run) if "dev" in r]
+    scores += [r["dev_averaged"]["per"] for r in records(run) if "dev_averaged" in r]
+    assert state["best"] == min(scores)
+    index = read_json(run / "checkpoints" / "index.json")
+    assert index["averaged"] == "average-step-0000030-step-0000050"
+    kept = {p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("average-")}
+    assert index["averaged"] in kept
+    assert (name in kept) == (index["best"] == name)  # the first average stays only as the best
+
+
+def test_resume_keeps_an_average_that_is_best(tmp_path):
+    """The last step checkpoint predates the average made best after it: resuming must not forget it."""
+    run, data = tmp_path / "run", toy_data(tmp_path)
+    train(_per_config(data, 20), run, progress=False)
+    state, tensors = read_checkpoint(checkpoint_dir(run, "last"))
+    save_checkpoint(run, "average-perfect", tensors, None, dict(state, averaged_from=["x"], dev={"per": 0.0}),
+                    best=True, keep=1, rng={}, averaged=True)
+    state = train(_per_config(data, 40), run, progress=False)
+    assert state["best"] == 0.0 and not state["averaged"]["best"]
+    assert read_json(run / "checkpoints" / "index.json")["best"] == "average-perfect"
 
 
 def test_average_last_of_one_is_refused(tmp_path):

@@ -317,6 +317,11 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         for key in ("files", "config", "fingerprint", "world_size"):
             saved.pop(key, None)
         state.update(saved)
+        best = checkpoint_dir(run_dir, "best")
+        if best is not None and best != last:  # an average made best after `last` was saved
+            best_state = read_json(best / "state.json")
+            if best_state.get("averaged_from") and cfg.eval.metrics[0] in best_state.get("dev", {}):
+                state["best"], state["best_step"] = best_state["dev"][cfg.eval.metrics[0]], best_state["step"]
         log.info("resuming %s from step %d (epoch %d, batch %d)", run_dir, state["step"], state["epoch"],
                  state["position"])
     elif ctx.rank > 0:  # same initial weights everywhere, but each rank its own dropout
