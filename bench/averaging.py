@@ -21,7 +21,7 @@ from transduce.checkpoint import (average_checkpoints, load_model_tensors, read_
 from transduce.data.pipeline import load_splits  # noqa: E402
 from transduce.inference import evaluate_pairs, load_run  # noqa: E402
 from transduce.models import build_model  # noqa: E402
-from transduce.models.quantize import quantize  # noqa: E402
+from transduce.models.quantize import quantize, resolve  # noqa: E402
 
 
 def main() -> None:
@@ -29,12 +29,12 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="run directory")
     ap.add_argument("--last", default="1,3,5,10", help="comma-separated counts of newest checkpoints to average")
     ap.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam)")
-    ap.add_argument("--quantize", default=None, help="int8 or none (default: the run's decode.quantize)")
+    ap.add_argument("--quantize", default=None, help="int8, auto or none (default: the run's decode.quantize)")
     args = ap.parse_args()
 
     run = load_run(args.model)
     cfg = run.config
-    kind = cfg.decode.quantize if args.quantize is None else args.quantize
+    kind = resolve(cfg.decode.quantize if args.quantize is None else args.quantize)
     splits = load_splits(cfg.data)
     metrics = cfg.eval.metrics
     steps = step_checkpoints(Path(args.model))
@@ -53,7 +53,7 @@ def main() -> None:
         tensors = average_checkpoints(chosen) if n > 1 else read_checkpoint(chosen[0])[1]
         load_model_tensors(model, tensors, chosen[-1] / "model.safetensors")
         model.eval()
-        if kind not in (None, "none"):
+        if kind:
             model = quantize(model, kind)
         view = dataclasses.replace(run, model=model)
         dev, _, _ = evaluate_pairs(view, splits.dev, metrics[:1], args.beam)

@@ -148,7 +148,7 @@ def test_attention_command_and_translate_attention(run_dir, tmp_path):
     assert len(records[0]["attention"][0][0][0]) == 3  # layer 0, head 0, step 0: over 3 source chars
 
 
-def test_decoding_follows_the_runs_decode_quantize_unless_told(run_dir, tmp_path):
+def test_decoding_follows_the_runs_decode_quantize_unless_told(run_dir, tmp_path, monkeypatch):
     import argparse
     import shutil
 
@@ -169,6 +169,15 @@ def test_decoding_follows_the_runs_decode_quantize_unless_told(run_dir, tmp_path
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         assert int8(run, None) == (setting == "int8")
         assert int8(run, "int8") and not int8(run, "none")
+    cfg["decode"]["quantize"] = "auto"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    from transduce import precision
+
+    for flags, expect in ((frozenset({"avx2"}), False), (frozenset({"avx2", "avx512_vnni"}), True),
+                          (frozenset({"avx_vnni"}), True), (frozenset({"amx_int8", "amx_tile"}), True)):
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: flags)
+        assert int8(run, None) == expect, flags
+        assert int8(run, "auto") == expect and int8(run, "int8") and not int8(run, "none")
     cfg["decode"]["quantize"] = "int4"
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     p = cli("translate", "--model", str(run), stdin="cat\n", check=False)

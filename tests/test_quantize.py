@@ -46,3 +46,22 @@ def test_quantized_model_decodes_like_float(decoding_model_name):
         ref, out = [h[0].tokens for h in search(model)], [h[0].tokens for h in search(q)]
         same = sum(a == b for a, b in zip(ref, out))
         assert same >= 12, (same, ref, out)   # near-ties may flip in int8
+
+
+def test_int8_on_a_cpu_without_native_int8_is_auto_float32_and_warned(monkeypatch, caplog):
+    import logging
+
+    from transduce import precision
+    from transduce.models.quantize import native_int8, resolve
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not native_int8()
+    with caplog.at_level(logging.INFO, logger="transduce"):
+        assert resolve("auto") is None and resolve("none") is None and resolve(None) is None
+        assert resolve("int8") == "int8"
+    assert any(r.levelno == logging.WARNING and "without VNNI" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transduce"):
+        assert native_int8() and resolve("auto") == "int8" and resolve("int8") == "int8"
+    assert not any(r.levelno == logging.WARNING for r in caplog.records)

@@ -60,7 +60,7 @@ def _translate(args) -> int:
     if args.engine == "ctranslate2":
         from transduce.export.ctranslate2 import CT2Translator
 
-        if args.attention or args.quantize == "int8":
+        if args.attention or args.quantize in ("int8", "auto"):
             raise ValueError(f"{'--attention' if args.attention else '--quantize'} needs --engine torch "
                              "(a CTranslate2 model is quantized by `transduce export --quantization`)")
         ct2 = CT2Translator(args.model, threads=args.threads or 0, workers=_workers(args) or 1)
@@ -95,11 +95,11 @@ def _decoding_run(args):
     import dataclasses
 
     from transduce.inference import load_run
-    from transduce.models.quantize import quantize
+    from transduce.models.quantize import quantize, resolve
 
     run = load_run(args.model)
-    kind = run.config.decode.quantize if args.quantize is None else args.quantize
-    return dataclasses.replace(run, model=quantize(run.model, kind)) if kind not in (None, "none") else run
+    kind = resolve(run.config.decode.quantize if args.quantize is None else args.quantize)
+    return dataclasses.replace(run, model=quantize(run.model, kind)) if kind else run
 
 
 def _evaluate(args) -> int:
@@ -313,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, metavar="N",
                        help="decode N batches at a time, each on threads/N threads (default: the run's "
                             "decode.workers, 1); 2 on 2 cores is faster for a file of many batches")
-        q.add_argument("--quantize", choices=["int8", "none"],
+        q.add_argument("--quantize", choices=["int8", "auto", "none"],
                        help="decode with the linear layers in int8 (CPU; weights per channel, activations "
-                            "per row): 1.2-1.4x float32's speed on the G2P model, within 0.1 point of its WER; "
+                            "per row): 1.2-1.4x float32's speed on the G2P model where the CPU has VNNI or "
+                            "AMX, within 0.1 point of its WER; 'auto': int8 on such a CPU, float32 elsewhere; "
                             "'none' for float32 (default: the run's decode.quantize)")
 
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",

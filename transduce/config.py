@@ -230,8 +230,9 @@ class DecodeConfig:
     # decode a file faster than one batch on 2 threads (docs/benchmarks.md).
     workers: int = 1
     # How `translate` and `evaluate` run the model (`--quantize` overrides): null = float32, "int8" =
-    # linear layers in int8 (models/quantize.py; CPU). Dev evaluation during training stays float32.
-    quantize: Optional[Literal["int8"]] = None
+    # linear layers in int8 (models/quantize.py; CPU), "auto" = int8 where the CPU multiplies int8
+    # natively (VNNI or AMX), float32 elsewhere. Dev evaluation during training stays float32.
+    quantize: Optional[Literal["int8", "auto"]] = None
 
     def validate(self) -> None:
         if self.beam < 1 or self.nbest < 1 or self.nbest > self.beam:

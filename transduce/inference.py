@@ -39,7 +39,8 @@ def load_codecs(run_dir: Path) -> tuple[TextCodec, TextCodec]:
 
 def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = None) -> LoadedRun:
     """Rebuild the model of a run directory from its files alone; `quantize="int8"` gives a
-    model for CPU decoding whose linear layers run in int8 (see models/quantize.py)."""
+    model for CPU decoding whose linear layers run in int8 (see models/quantize.py); "auto" does
+    where the CPU multiplies int8 natively."""
     from transduce.models import build_model
 
     run_dir = Path(run_dir)
@@ -58,9 +59,10 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
     load_model_tensors(model, tensors, ckpt / "model.safetensors")
     model.eval()
     if quantize:
-        from transduce.models.quantize import quantize as quantized
+        from transduce.models.quantize import quantize as quantized, resolve
 
-        model = quantized(model, quantize)
+        if (kind := resolve(quantize)) is not None:
+            model = quantized(model, kind)
     return LoadedRun(cfg, model, src, tgt, state, ckpt)
 
 

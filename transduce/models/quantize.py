@@ -14,13 +14,42 @@ decoding only; the copy cannot be trained.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
 
-from transduce import kernels
+from transduce import kernels, precision
 
 QUANTIZATIONS = ("int8",)
+# CPU flags of native int8 dot products: AVX-512 VNNI, AVX-VNNI (VEX), AMX int8 tiles
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+log = logging.getLogger("transduce")
+
+
+def native_int8() -> bool:
+    """Whether this CPU multiplies int8 natively. Without VNNI or AMX, `torch._int_mm` falls back to
+    a slow path: on an AVX2-only CPU (AMD EPYC Zen 3) the int8 G2P model decoded 15x slower than
+    float32 (docs/benchmarks.md)."""
+    return bool(set(INT8_FLAGS) & precision.cpu_flags())
+
+
+def resolve(kind: str | None) -> str | None:
+    """`decode.quantize` for this machine: "auto" is "int8" where the CPU multiplies int8 natively
+    and None (float32) elsewhere; "none" is None; "int8" stays, with a warning where it is slow."""
+    if kind in (None, "none"):
+        return None
+    if kind == "auto":
+        chosen = "int8" if native_int8() else None
+        log.info("decode.quantize auto: %s", "int8 (the CPU has VNNI or AMX int8)" if chosen else
+                 "float32 (the CPU has no VNNI or AMX int8, where int8 products are slower than float32)")
+        return chosen
+    if kind == "int8" and not native_int8():
+        log.warning("int8 decoding on a CPU without VNNI or AMX int8 (flags %s): PyTorch's int8 products are "
+                    "slow here, float32 decodes faster; decode.quantize: auto chooses by the hardware",
+                    "/".join(INT8_FLAGS))
+    return kind
 
 _EMPTY = torch.empty(0)
 
