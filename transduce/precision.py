@@ -5,7 +5,9 @@ hardware multiplies bf16 natively: on a CPU with AMX (Intel Sapphire Rapids
 and later) bf16 matmuls ran ~6x fp32's rate and a G2P training step 1.4-1.9x
 faster; with AVX512-BF16 dot products (an AMD EPYC here; Intel Cooper Lake)
 ~4x and 2.0x; on a CPU with neither PyTorch emulates them at a quarter of
-fp32's rate and training runs ~2x slower (docs/benchmarks.md). `auto` takes
+fp32's rate and training runs ~2x slower with AVX-512; on an AVX2-only CPU (an
+AMD EPYC Zen 3 here) emulated bf16 matmuls ran at ~1 GFLOP/s, 1/100 of fp32's
+(docs/benchmarks.md). `auto` takes
 bf16 where it pays: a CUDA device that supports it, or a CPU with AMX bf16 or
 AVX512-BF16.
 """
@@ -56,5 +58,6 @@ def use_bf16(setting: bool | str, device: torch.device) -> bool:
         return chosen
     if setting and not native_bf16(device):
         log.warning("train.bf16 is on but this %s has no native bf16 matmuls (on a CPU: neither AMX nor AVX512-BF16): PyTorch "
-                    "emulates them, about 2x slower than fp32; `bf16: auto` chooses by the hardware", device.type)
+                    "emulates them: a training step ~2x slower than fp32 with AVX-512, matmuls ~100x slower on an AVX2-only CPU; "
+                    "`bf16: auto` chooses by the hardware", device.type)
     return bool(setting)
