@@ -96,6 +96,9 @@ def test_average_command_writes_a_usable_run_directory(toy_run, capsys):
     weights = loaded.model.state_dict()
     assert all(torch.equal(weights[k], v) for k, v in tensors.items())
     assert len(translate(loaded, ["a b c"], beam=1)) == 1
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["averaged_from"] == printed["averaged"]
     with pytest.raises(CheckpointError, match="not an empty directory"):
         average_run(run, out, 3)
     with pytest.raises(CheckpointError, match=r"lists \d step checkpoint\(s\), fewer than the 9"):

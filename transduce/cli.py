@@ -233,6 +233,9 @@ def _info(args) -> int:
         "best_checkpoint": str(run.checkpoint),
         "training": {k: last.get(k) for k in ("step", "epoch", "elapsed_s", "tokens", "best", "best_step")},
     }
+    averaged = read_json(run.checkpoint / "state.json").get("averaged_from")
+    if averaged:  # the weights `translate` uses are a mean (transduce average, train.average_last)
+        info["averaged_from"] = averaged
     print(json.dumps(info, indent=1))
     return 0
 
