@@ -60,14 +60,17 @@ def _translate(args) -> int:
     if args.engine == "ctranslate2":
         from transduce.export.ctranslate2 import CT2Translator
 
-        if args.attention or args.quantize in ("int8", "auto"):
-            raise ValueError(f"{'--attention' if args.attention else '--quantize'} needs --engine torch "
+        if args.attention or args.quantize in ("int8", "auto") or len(args.model) > 1:
+            what = "--attention" if args.attention else "--quantize" if len(args.model) == 1 else "an ensemble"
+            raise ValueError(f"{what} needs --engine torch "
                              "(a CTranslate2 model is quantized by `transduce export --quantization`)")
-        ct2 = CT2Translator(args.model, threads=args.threads or 0, workers=_workers(args) or 1)
+        ct2 = CT2Translator(args.model[0], threads=args.threads or 0, workers=_workers(args) or 1)
         sources = _read_inputs(args)
         outputs = ct2.translate(sources, args.beam or ct2.decode_cfg["beam"], args.nbest or 1,
                                 args.batch_size or ct2.decode_cfg["batch_size"])
     else:
+        if args.attention and len(args.model) > 1:
+            raise ValueError("--attention shows one model's cross-attention; an ensemble has none of its own")
         run = _decoding_run(args)
         sources = _read_inputs(args)
         outputs = translate(run, sources, args.beam, args.nbest, args.batch_size, workers=_workers(args))
@@ -91,15 +94,18 @@ def _translate(args) -> int:
 
 def _decoding_run(args):
     """The run of `--model`, its model quantized as `--quantize` says, or else as the run's
-    decode.quantize ("none": float32 whatever the run says)."""
+    decode.quantize ("none": float32 whatever the run says). Several run directories: their
+    ensemble, each member quantized so, decoding with the first one's settings."""
     import dataclasses
 
-    from transduce.inference import load_run
+    from transduce.inference import ensemble, load_run
     from transduce.models.quantize import quantize, resolve
 
-    run = load_run(args.model)
-    kind = resolve(run.config.decode.quantize if args.quantize is None else args.quantize)
-    return dataclasses.replace(run, model=quantize(run.model, kind)) if kind else run
+    runs = [load_run(m) for m in args.model]
+    kind = resolve(runs[0].config.decode.quantize if args.quantize is None else args.quantize)
+    if kind:
+        runs = [dataclasses.replace(r, model=quantize(r.model, kind)) for r in runs]
+    return ensemble(runs, args.model)
 
 
 def _evaluate(args) -> int:
@@ -111,6 +117,9 @@ def _evaluate(args) -> int:
     run = _decoding_run(args)
     _threads(args.threads)
     if not run.model.can_decode or task_for(run.config).name != "seq2seq":  # the task reads and scores
+        if len(args.model) > 1:
+            raise ValueError(f"{args.model[0]}: ensembles evaluate sequence-to-sequence models only, "
+                             f"not a {task_for(run.config).name} task")
         return _evaluate_labels(args, run)
     if args.data:
         pairs, _ = read_pairs(args.data, format=run.config.data.format)
@@ -325,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",
                         description="Read one source per line, write one output per line, order preserved. "
                                     "Empty input lines give empty output lines.")
-    tr.add_argument("--model", required=True, help="run directory")
+    tr.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR",
+                    help="run directory; several: decode with their ensemble (the mean of their next-token "
+                         "probabilities; same vocabularies; decoding settings from the first)")
     decoding(tr)
     tr.add_argument("--nbest", type=int, help="hypotheses per input, written tab-separated")
     tr.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch",
@@ -339,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="decode a test set and print metrics",
                         description="Print the task's metrics; the last line is JSON.")
-    ev.add_argument("--model", required=True, help="run directory")
+    ev.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR",
+                    help="run directory; several: evaluate their ensemble (data and metrics from the first)")
     ev.add_argument("--data", help="test pairs (.tsv, .jsonl or src|tgt); default: the run's test split")
     ev.add_argument("--split", default="test", choices=["dev", "test"],
                     help="split of the run's configured data when --data is not given")

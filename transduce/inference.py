@@ -66,6 +66,29 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
     return LoadedRun(cfg, model, src, tgt, state, ckpt)
 
 
+def ensemble(runs: list[LoadedRun], names: list[str] | None = None) -> LoadedRun:
+    """One run whose model decodes as the mean of the runs' models (`search.Ensemble`); config
+    (decoding settings, data, metrics) and codecs are the first run's. The runs must share their
+    source and target vocabularies and have decoders; `names` (their directories) name the one that
+    does not."""
+    import dataclasses
+
+    from transduce.search import Ensemble
+
+    if len(runs) == 1:
+        return runs[0]
+    names = names or [str(r.checkpoint) for r in runs]
+    first = runs[0]
+    for name, r in zip(names, runs):
+        if not r.model.can_decode:
+            raise CheckpointError(f"{name}: a {r.config.model.family} model has no decoder to ensemble")
+        for side in ("source", "target"):
+            if getattr(r, side).to_dict() != getattr(first, side).to_dict():
+                raise CheckpointError(f"{name}: its {side} vocabulary differs from {names[0]}'s; an ensemble's "
+                                      "models must share both (train them on the same data and tokenizers)")
+    return dataclasses.replace(first, model=Ensemble([r.model for r in runs]))
+
+
 def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: int | None = None,
            batch_size: int | None = None, model=None, workers: int | None = None) -> list[list[Hypothesis]]:
     """n-best hypotheses for each source, in input order. Empty sources give one empty output.

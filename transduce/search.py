@@ -5,13 +5,15 @@ with its cache; sources that are finished leave the batch (once they are a
 quarter of it, `COMPACT_AT`) so the remaining steps cost less. None knows
 which family the model is.
 `ForcedPrefix` makes every output start with given tokens (a prompt to
-continue) without the searches knowing.
+continue) without the searches knowing; `Ensemble` makes several models
+decode as one.
 
 Output lengths: a hypothesis has at most `floor(a * source_length + b)`
 tokens before its </s>; at that length </s> is forced.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,7 @@ def max_lengths(src_mask: torch.Tensor, a: float, b: int, model=None) -> torch.T
     """(B,) most output tokens per source: floor(a * source length + b), at least 1, and no more
     than the model's positions allow (`max_output_len`)."""
     n = (a * src_mask.sum(1).float() + b).floor().long()
-    limit = getattr(model, "max_output_len", lambda m: None)(src_mask)
+    limit = max_lengths_of(model, src_mask)
     if limit is not None:
         n = torch.minimum(n, limit)
     return n.clamp(min=1)
@@ -265,3 +267,53 @@ class ForcedPrefix:
     def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor | None:
         limit = self.model.max_output_len(src_mask)
         return None if limit is None else limit - len(self.prefix)
+
+
+class Ensemble:
+    """Several models, seen by search as one whose next-token distribution is the mean of theirs.
+
+    Each member encodes the source and keeps its own decoder state; per step the members'
+    probabilities are averaged (log-sum-exp of their log-probabilities, minus log N), and the
+    mixture's log-probabilities are returned as the logits. Members may be of different families
+    but must share the source and target vocabularies (checked where runs are loaded,
+    `inference.ensemble`). Output lengths are capped by the tightest member.
+    """
+
+    def __init__(self, models: list):
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.models = list(models)
+        self.can_decode = all(getattr(m, "can_decode", True) for m in self.models)
+        self._log_n = math.log(len(self.models))
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> list:
+        return [m.encode(src, src_mask) for m in self.models]
+
+    def init_state(self, memory: list, beam: int, max_len: int, record_attention: bool = False) -> list:
+        if record_attention:
+            raise ValueError("an ensemble has no single cross-attention to record; decode with one model")
+        return [m.init_state(mem, beam, max_len) for m, mem in zip(self.models, memory)]
+
+    def step(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        logps, states = [], []
+        for m, s in zip(self.models, state):
+            logits, s = m.step(tokens, s)
+            logps.append(F.log_softmax(logits.float(), dim=-1))
+            states.append(s)
+        if len(logps) == 1:
+            return logps[0], states
+        return torch.logsumexp(torch.stack(logps), dim=0) - self._log_n, states
+
+    def reorder_state(self, state: list, rows: torch.Tensor | None, batch: torch.Tensor | None = None) -> list:
+        return [m.reorder_state(s, rows, batch) for m, s in zip(self.models, state)]
+
+    def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor | None:
+        limits = [lim for m in self.models if (lim := max_lengths_of(m, src_mask)) is not None]
+        if not limits:
+            return None
+        return torch.stack(limits).amin(0)
+
+
+def max_lengths_of(model, src_mask: torch.Tensor) -> torch.Tensor | None:
+    """The model's `max_output_len`, or None where it has none."""
+    return getattr(model, "max_output_len", lambda m: None)(src_mask)
