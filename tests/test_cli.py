@@ -158,7 +158,7 @@ def test_decoding_follows_the_runs_decode_quantize_unless_told(run_dir, tmp_path
     from transduce.models.quantize import Int8Linear
 
     def int8(model_dir, flag):
-        run = _decoding_run(argparse.Namespace(model=str(model_dir), quantize=flag))
+        run = _decoding_run(argparse.Namespace(model=[str(model_dir)], quantize=flag))
         return any(isinstance(m, Int8Linear) for m in run.model.modules())
 
     run = tmp_path / "run"

@@ -161,3 +161,16 @@ def test_runs_that_cannot_ensemble_are_named(two_runs, tmp_path, capsys):
     assert "an ensemble has none of its own" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least one model"):
         Ensemble([])
+
+
+def test_every_member_decodes_as_quantize_says(two_runs):
+    import argparse
+
+    from transduce.cli import _decoding_run
+    from transduce.models.quantize import Int8Linear
+
+    _, runs = two_runs
+    for flag, want in (("int8", True), ("none", False)):
+        run = _decoding_run(argparse.Namespace(model=[str(r) for r in runs], quantize=flag))
+        assert len(run.model.models) == 2
+        assert all(any(isinstance(m, Int8Linear) for m in member.modules()) == want for member in run.model.models)
