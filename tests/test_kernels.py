@@ -499,6 +499,59 @@ def test_int8_ffn_is_up_activation_down(act):
         kernels.ops().int8_ffn(x, down.qweight, down.scale, down.bias, 1, up.qweight, up.scale)
 
 
+def test_int8_pack_is_the_tiles_layout_or_refused_without_them():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(-127, 128, (40, 70), dtype=torch.int8, generator=g)
+    if not kernels.ops().int8_tiles():  # a CPU without AMX int8: the ops keep the (N, K) weight
+        assert not kernels.int8_tiles()
+        with pytest.raises(RuntimeError, match="without AMX"):
+            kernels.ops().int8_pack(w)
+        return
+    p = kernels.ops().int8_pack(w)
+    assert p.shape == (64 // 16, 128 // 4, 64)  # columns rounded up to 32, depth to 64
+    # column block c, depth d: W[16c + j, d] at [c, d // 4, 4j + d % 4]; zero where padded
+    c, j, d = torch.meshgrid(torch.arange(4), torch.arange(16), torch.arange(128), indexing="ij")
+    n = 16 * c + j
+    want = torch.zeros(64, 128, dtype=torch.int8)
+    want[:40, :70] = w
+    assert torch.equal(p[c, d // 4, 4 * j + d % 4], want[n, d])
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 40, 24), (17, 192, 73), (33, 64, 32), (300, 100, 576)])
+def test_int8_linear_on_tiles_is_the_same_arithmetic(m, k, n):
+    # the AMX path against the _int_mm path: the same quantization, exact int32 sums, the same
+    # scaling: equal results; rows and columns past a block's edge, depth not a multiple of 64
+    if not kernels.ops().int8_tiles():
+        pytest.skip("the CPU has no AMX int8 tiles (the _int_mm path is tested above)")
+    g = torch.Generator().manual_seed(m)
+    _, q = int8_weights(n, k, g)
+    x = torch.randn(m, k, generator=g)
+    x[0] = 0
+    o = kernels.ops()
+    packed = o.int8_pack(q.qweight)
+    for b in (q.bias, torch.empty(0)):
+        assert torch.equal(o.int8_linear(x, packed, q.scale, b), o.int8_linear(x, q.qweight, q.scale, b))
+    assert q.packed[0].dim() == (3 if kernels.int8_tiles() else 2)  # Int8Linear packs where they are used
+    with pytest.raises(RuntimeError, match="packed weight must be"):
+        o.int8_linear(torch.randn(m, k + 64), packed, q.scale, q.bias)
+
+
+@pytest.mark.parametrize("act", [1, 2])
+def test_int8_ffn_on_tiles_is_the_same_arithmetic(act):
+    if not kernels.ops().int8_tiles():
+        pytest.skip("the CPU has no AMX int8 tiles (the _int_mm path is tested above)")
+    g = torch.Generator().manual_seed(act)
+    _, up = int8_weights(100, 48, g)
+    _, down = int8_weights(48, 100, g)
+    x = torch.randn(70, 48, generator=g)
+    o = kernels.ops()
+    fast = o.int8_ffn(x, o.int8_pack(up.qweight), up.scale, up.bias, act, o.int8_pack(down.qweight), down.scale)
+    slow = o.int8_ffn(x, up.qweight, up.scale, up.bias, act, down.qweight, down.scale)
+    # the hidden layer scaled back with fused multiply-adds (and the vector GELU): a float32 ulp
+    # here and there, which may move a hidden value across an int8 rounding boundary
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu"])
 @pytest.mark.parametrize("rows", [1, 128, 300])
 def test_float_ffn_is_up_activation_down(act, rows):

@@ -10,7 +10,9 @@ having it copied per step; `attend_step` takes a step's queries as (rows,
 d_model). `norm.cpp` adds a residual, a projection's bias and a LayerNorm in
 one pass. `linear.cpp` runs a feed-forward block in row blocks whose hidden
 layer stays in the core's cache, and int8 linear layers (models/quantize.py):
-rows quantized, multiplied by `torch._int_mm` and scaled back in one call.
+rows quantized, multiplied by `torch._int_mm` and scaled back in one call
+(on a CPU with AMX int8, on the tiles directly, weights packed once in their
+layout: `int8_tiles`, `int8_pack`).
 models/transformer.py's `_kernel_step` and `_kernel_encode` run inference on
 them. `attention_train.cpp` is attention with gradients (forward keeping the
 probabilities, backward from them) for training on short rows, where
@@ -110,6 +112,15 @@ def ops():
                             "(set TRANSDUCE_KERNELS=0 to skip the attempt)", type(e).__name__,
                             str(e).strip().splitlines()[-1] if str(e).strip() else "")
     return _state["ops"]
+
+
+def int8_tiles() -> bool:
+    """Whether the int8 ops run on AMX tiles here (built for a CPU with AMX int8 and granted the tiles
+    by the OS), taking weights in `int8_pack`'s layout; `TRANSDUCE_AMX=0` keeps them on `_int_mm`."""
+    if "tiles" not in _state:
+        o = ops()
+        _state["tiles"] = bool(o is not None and os.environ.get("TRANSDUCE_AMX", "1") != "0" and o.int8_tiles())
+    return _state["tiles"]
 
 
 _NO_MASK = torch.empty(0, dtype=torch.bool)

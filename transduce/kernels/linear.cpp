@@ -20,16 +20,32 @@
 // Per row: s = max|x| / 127, q = round(x * (127 / max|x|)) (half to even; a zero row gives zeros);
 // y[m, n] = acc[m, n] * (s[m] * w_scale[n]) + bias[n]. models/quantize.py does the same with
 // PyTorch's ops where the kernels are not built.
+//
+// On a CPU with AMX int8 tiles (Sapphire Rapids and later), `int8_pack` lays a weight out once in
+// the tiles' order and both ops take the packed weight (3-D) instead: the product runs on the
+// tiles in blocks of 32 rows x 32 columns whose int32 sums go from the tile registers to a 4 KB
+// buffer and on to float32 (scale, bias, activation) while in L1. At decoding sizes oneDNN's
+// `_int_mm` spent as long reordering the weight and writing its (M, N) int32 product to memory as
+// multiplying; here nothing of the product but the float32 result leaves the cache.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TRANSDUCE_AMX 1
+#endif
 
 namespace {
 
@@ -123,8 +139,251 @@ at::Tensor block_product(const float* x, int64_t xs, int64_t rows, int64_t k, co
   return at::_int_mm(q.narrow(0, 0, rows), wt);
 }
 
+
+#ifdef TRANSDUCE_AMX
+namespace tiles {
+
+// Linux lets a process use the tile registers only once it has asked for them (once per process;
+// oneDNN asks too, but it may not have run yet).
+bool granted() {
+  static const bool ok = [] {
+    constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return ok;
+}
+
+// Tiles 0-3: int32 sums (2 x 2 blocks of 16 x 16); 4, 5: 16 rows x 64 int8 of the input; 6, 7: 64 x 16
+// int8 of the weight, 4 consecutive k of a column next to each other (VNNI order).
+struct alignas(64) Config {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+constexpr int64_t kRows = 32, kCols = 32, kDepth = 64;  // a block of rows, of columns; k per tile
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// quantize_row in AVX-512 (which every CPU with AMX has): GCC leaves the loop above scalar
+// (nearbyint and the narrowing store), a third of the layer's time at decoding sizes. The vector
+// conversion rounds half to even under the default rounding mode, as nearbyint does.
+inline float quantize_row(const float* __restrict__ a, int64_t k, int8_t* __restrict__ o) {
+  __m512 top = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(a + i)));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - i)) - 1u);
+  if (i < k) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, a + i)));
+  const float t = _mm512_reduce_max_ps(top);
+  const __m512 inv = _mm512_set1_ps(t > 0.f ? 127.f / t : 0.f);
+  for (i = 0; i + 16 <= k; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(a + i), inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtsepi32_epi8(q));
+  }
+  if (i < k) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, a + i), inv));
+    _mm_mask_storeu_epi8(o + i, tail, _mm512_cvtsepi32_epi8(q));
+  }
+  return t / 127.f;
+}
+
+// gelu() on 16 lanes
+inline __m512 gelu16(__m512 x) {
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678f));
+  const __m512 az = _mm512_min_ps(_mm512_abs_ps(z), _mm512_set1_ps(6.f));
+  __m512 p = _mm512_set1_ps(0.0000430638f);
+  for (const float c : {0.0002765672f, 0.0001520143f, 0.0092705272f, 0.0422820123f, 0.0705230784f, 1.f})
+    p = _mm512_fmadd_ps(p, az, _mm512_set1_ps(c));
+  p = _mm512_mul_ps(p, p);
+  p = _mm512_mul_ps(p, p);
+  p = _mm512_mul_ps(p, p);
+  p = _mm512_mul_ps(p, p);
+  const __m512 e = _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(1.f), p));  // erf(|z|)
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(INT32_MIN));
+  const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+
+// dequantize_row for a block's row (width <= kCols) in AVX-512: acc * (s * ws) + bias, activated
+inline void dequantize_cols(const int32_t* __restrict__ acc, float s, const float* __restrict__ ws,
+                            const float* __restrict__ bias, int64_t width, int64_t act, float* __restrict__ o) {
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t j = 0; j < width; j += 16) {
+    const int64_t left = width - j;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + j));
+    const __m512 scale = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(m, ws + j));
+    __m512 v = bias ? _mm512_fmadd_ps(a, scale, _mm512_maskz_loadu_ps(m, bias + j)) : _mm512_mul_ps(a, scale);
+    if (act == kRelu)
+      v = _mm512_max_ps(v, _mm512_setzero_ps());
+    else if (act == kGelu)
+      v = gelu16(v);
+    _mm512_mask_storeu_ps(o + j, m, v);
+  }
+}
+
+// A packed weight: (Np / 16, Kp / 4, 64) int8, Np = N rounded up to kCols, Kp = K to kDepth, zero
+// where padded; column block c, depth d holds W[16 c + j][d] at [c][d / 4][4 j + d % 4]. The tile of
+// columns 16c.. and depths 64t.. is the 1 KB at [c][16 t], rows 64 bytes apart.
+at::Tensor pack(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "int8_pack: weight must be int8 (N, K)");
+  const at::Tensor wc = w.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), np = round_up(n, kCols), kp = round_up(k, kDepth);
+  auto out = at::zeros({np / 16, kp / 4, 64}, w.options());
+  const int8_t* src = wc.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < k; ++d) dst[((i / 16) * (kp / 4) + d / 4) * 64 + 4 * (i % 16) + d % 4] = src[i * k + d];
+  return out;
+}
+
+// acc (kRows, kCols) int32 = a's rows (kp apart; the first 16 only when !kTwo) x the 32 columns
+// whose tiles start at b0 and b1.
+template <bool kTwo>
+inline void product(const int8_t* a, int64_t kp, const int8_t* b0, const int8_t* b1, int32_t* acc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kTwo) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t t = 0; t < kp / kDepth; ++t) {
+    _tile_loadd(4, a + t * kDepth, kp);
+    if constexpr (kTwo) _tile_loadd(5, a + 16 * kp + t * kDepth, kp);
+    _tile_loadd(6, b0 + t * 1024, 64);
+    _tile_loadd(7, b1 + t * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    if constexpr (kTwo) {
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, kCols * 4);
+  _tile_stored(1, acc + 16, kCols * 4);
+  if constexpr (kTwo) {
+    _tile_stored(2, acc + 16 * kCols, kCols * 4);
+    _tile_stored(3, acc + 16 * kCols + 16, kCols * 4);
+  }
+}
+
+// `rows` (<= kRows) quantized rows a (kp apart, scales `scale`) times a packed weight of n columns,
+// scaled back, plus bias, activated: into out (rows ldo apart).
+void rows_times(const int8_t* a, int64_t kp, const float* scale, int64_t rows, const int8_t* wp, int64_t n,
+                const float* ws, const float* bias, int64_t act, float* out, int64_t ldo) {
+  alignas(64) int32_t acc[kRows * kCols];
+  const int64_t column_tiles = (kp / 4) * 64;  // bytes of one block of 16 columns
+  for (int64_t c0 = 0; c0 < n; c0 += kCols) {
+    const int8_t* b0 = wp + (c0 / 16) * column_tiles;
+    if (rows > 16)
+      product<true>(a, kp, b0, b0 + column_tiles, acc);
+    else
+      product<false>(a, kp, b0, b0 + column_tiles, acc);
+    const int64_t width = std::min(kCols, n - c0);
+    for (int64_t r = 0; r < rows; ++r)
+      dequantize_cols(acc + r * kCols, scale[r], ws + c0, bias ? bias + c0 : nullptr, width, act, out + r * ldo + c0);
+  }
+}
+
+// x's rows r0.. (up to kRows) quantized into a (kp apart; the padding past k stays zero)
+inline int64_t quantize_rows(const float* x, int64_t xs, int64_t m, int64_t r0, int64_t k, int64_t kp, int8_t* a,
+                             float* scale) {
+  const int64_t rows = std::min(kRows, m - r0);
+  for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(x + (r0 + r) * xs, k, a + r * kp);
+  return rows;
+}
+
+void check_packed(const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias, int64_t k,
+                  const char* what) {
+  TORCH_CHECK(granted(), what, ": the kernel could not get the CPU's AMX tiles from the OS (arch_prctl)");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 3 && w.size(1) * 4 == round_up(k, kDepth) &&
+                  w.size(2) == 64 && w.is_contiguous(),
+              what, ": packed weight must be int8_pack's layout for the input's width");
+  const int64_t n = w_scale.numel();
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w.size(0) * 16 == round_up(n, kCols),
+              what, ": weight scale must be float32 (N,) for the packed weight's columns");
+  TORCH_CHECK(!bias.defined() || !bias.numel() ||
+                  (bias.scalar_type() == at::kFloat && bias.numel() == n && bias.is_contiguous()),
+              what, ": bias must be float32 (N,) or empty");
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias) {
+  const int64_t m = x.size(0), k = x.size(1), kp = round_up(k, kDepth), n = w_scale.numel();
+  check_packed(w, w_scale, bias, k, "int8_linear");
+  auto out = at::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* ws = w_scale.data_ptr<float>();
+  const float* bp = maybe(bias);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+    const Config config;
+    _tile_loadconfig(&config);
+    std::vector<int8_t> a(kRows * kp, 0);
+    float scale[kRows];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t rows = quantize_rows(xp, x.stride(0), m, blk * kRows, k, kp, a.data(), scale);
+      rows_times(a.data(), kp, scale, rows, wp, n, ws, bp, kNone, op + blk * kRows * n, n);
+    }
+    _tile_release();
+  });
+  return out;
+}
+
+at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& b1, int64_t act,
+               const at::Tensor& w2, const at::Tensor& s2) {
+  const int64_t m = x.size(0), k = x.size(1), kp = round_up(k, kDepth), f = s1.numel(), fp = round_up(f, kDepth);
+  const int64_t d = s2.numel();
+  check_packed(w1, s1, b1, k, "int8_ffn (up)");
+  check_packed(w2, s2, at::Tensor(), f, "int8_ffn (down)");
+  auto out = at::empty({m, d}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* bp1 = maybe(b1);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1_) {
+    const Config config;
+    _tile_loadconfig(&config);
+    std::vector<int8_t> a(kRows * kp, 0), hq(kRows * fp, 0);
+    std::vector<float> hidden(kRows * f);
+    float scale[kRows], hscale[kRows];
+    for (int64_t blk = b0; blk < b1_; ++blk) {
+      const int64_t rows = quantize_rows(xp, x.stride(0), m, blk * kRows, k, kp, a.data(), scale);
+      rows_times(a.data(), kp, scale, rows, w1.data_ptr<int8_t>(), f, s1.data_ptr<float>(), bp1, act,
+                 hidden.data(), f);
+      for (int64_t r = 0; r < rows; ++r) hscale[r] = quantize_row(hidden.data() + r * f, f, hq.data() + r * fp);
+      rows_times(hq.data(), fp, hscale, rows, w2.data_ptr<int8_t>(), d, s2.data_ptr<float>(), nullptr, kNone,
+                 op + blk * kRows * d, d);
+    }
+    _tile_release();
+  });
+  return out;
+}
+
+}  // namespace tiles
+#endif
+
+bool int8_tiles() {
+#ifdef TRANSDUCE_AMX
+  return tiles::granted();
+#else
+  return false;
+#endif
+}
+
+at::Tensor int8_pack(const at::Tensor& w) {
+#ifdef TRANSDUCE_AMX
+  return tiles::pack(w);
+#else
+  TORCH_CHECK(false, "int8_pack: the kernels were built for a CPU without AMX int8 tiles");
+#endif
+}
+
+// A 3-D weight is int8_pack's (the AMX path).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias) {
   check_input(x, "int8_linear");
+#ifdef TRANSDUCE_AMX
+  if (w.dim() == 3) return tiles::linear(x, w, w_scale, bias);
+#endif
   check_weight(w, w_scale, bias, x.size(1), "int8_linear");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   auto out = at::empty({m, n}, x.options());
@@ -152,10 +411,13 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& b1,
                     int64_t act, const at::Tensor& w2, const at::Tensor& s2) {
   check_input(x, "int8_ffn");
+  TORCH_CHECK(act == kNone || act == kRelu || act == kGelu, "int8_ffn: act must be 0, 1 or 2");
+#ifdef TRANSDUCE_AMX
+  if (w1.dim() == 3 && w2.dim() == 3) return tiles::ffn(x, w1, s1, b1, act, w2, s2);
+#endif
   check_weight(w1, s1, b1, x.size(1), "int8_ffn (up)");
   const int64_t m = x.size(0), k = x.size(1), f = w1.size(0), d = w2.size(0);
   check_weight(w2, s2, at::Tensor(), f, "int8_ffn (down)");
-  TORCH_CHECK(act == kNone || act == kRelu || act == kGelu, "int8_ffn: act must be 0, 1 or 2");
   auto out = at::empty({m, d}, x.options());
   const at::Tensor w1t = w1.t(), w2t = w2.t();
   const float* xp = x.data_ptr<float>();
@@ -227,4 +489,6 @@ TORCH_LIBRARY_FRAGMENT(transduce, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor bias) -> Tensor", &int8_linear);
   m.def("ffn(Tensor x, Tensor w1, Tensor b1, int act, Tensor w2) -> Tensor", &ffn);
   m.def("int8_ffn(Tensor x, Tensor w1, Tensor s1, Tensor b1, int act, Tensor w2, Tensor s2) -> Tensor", &int8_ffn);
+  m.def("int8_tiles() -> bool", &int8_tiles);
+  m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
 }

@@ -72,9 +72,11 @@ class Int8Linear(nn.Module):
     qweight (out, in) int8 and scale (out,) hold the weight; bias stays
     float32. `unbiased(x)` returns the product and the bias apart, for a
     kernel that adds the bias in its own pass (models/transformer.py).
-    `packed` holds (qweight, scale, bias or an empty tensor) as a plain
-    attribute: the kernel paths read it once per call, where a buffer
-    goes through nn.Module's attribute lookup.
+    `packed` holds (the kernels' weight, scale, bias or an empty tensor)
+    as a plain attribute: the kernel paths read it once per call, where a
+    buffer goes through nn.Module's attribute lookup. The kernels' weight
+    is qweight, or on a CPU with AMX int8 tiles its copy in the tiles'
+    layout (`int8_pack`, 3-D; the buffers and checkpoints keep qweight).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -87,7 +89,9 @@ class Int8Linear(nn.Module):
         self._pack()
 
     def _pack(self):
-        self.packed = (self.qweight, self.scale, _EMPTY if self.bias is None else self.bias)
+        ops = kernels.ops() if kernels.int8_tiles() and self.qweight.device.type == "cpu" else None
+        weight = self.qweight if ops is None else ops.int8_pack(self.qweight)  # the tiles' layout (AMX)
+        self.packed = (weight, self.scale, _EMPTY if self.bias is None else self.bias)
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cpu(), ...: the buffers are new tensors
         out = super()._apply(fn, *args, **kwargs)
@@ -110,7 +114,7 @@ class Int8Linear(nn.Module):
         if ops is not None:
             if x.stride(1) != 1:
                 x = x.contiguous()
-            y = ops.int8_linear(x, self.qweight, self.scale, _EMPTY if bias is None else bias)
+            y = ops.int8_linear(x, self.packed[0], self.scale, _EMPTY if bias is None else bias)
         else:
             q, rows = quantize_rows(x)
             y = torch._int_mm(q, self.qweight.t()).float() * (rows[:, None] * self.scale)
