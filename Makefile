@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 RUN ?= runs/g2p
 MINUTES ?= 10
 
-.PHONY: install demo test bench clean
+.PHONY: install demo hour test bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ demo: install
 	$(BIN)/transduce train recipes/g2p_cmudict.yaml --out $(RUN) --set train.max_minutes=$(MINUTES)
 	$(BIN)/transduce evaluate --model $(RUN) --show 8
 	printf 'transduce\nencoder\ndecoder\nphoneme\nsaturday\n' | $(BIN)/transduce translate --model $(RUN)
+
+# The hour's recipe (README, "Ensembles"): two models trained at once, one thread each (the same CPU
+# time as one run on 2 threads), decoded as one; the first member's log goes to $(RUN)_hour1.log.
+HOUR := --set train.max_minutes=60 --set model.d_model=192 --set model.ff_dim=768 --set model.dropout=0.1 \
+	--set train.threads=1 --set decode.workers=1
+hour: install
+	mkdir -p $(dir $(RUN))
+	$(BIN)/transduce train recipes/g2p_cmudict.yaml --out $(RUN)_hour1 $(HOUR) --set train.seed=1 \
+		> $(RUN)_hour1.log 2>&1 & \
+	$(BIN)/transduce train recipes/g2p_cmudict.yaml --out $(RUN)_hour2 $(HOUR) --set train.seed=2; \
+	rc=$$?; wait $$! && exit $$rc
+	$(BIN)/transduce evaluate --model $(RUN)_hour1 $(RUN)_hour2 --workers 2 --show 8
 
 test: install
 	$(BIN)/python -m pytest -q -n 2
