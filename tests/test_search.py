@@ -130,3 +130,52 @@ def test_search_stops_where_the_positions_run_out(decoding_model_name):
     for hyps in (greedy(model, src, mask, 30.0, 100),
                  beam_search(model, src, mask, beam=2, nbest=1, length_penalty=0.0, max_len_a=30.0, max_len_b=100)):
         assert all(len(h[0].tokens) <= int(capped[i]) for i, h in enumerate(hyps))
+
+
+def test_greedy_pick_kernel_is_the_python_bookkeeping():
+    # one greedy step's bookkeeping on the kernels against search.py's ops: the most probable token
+    # other than pad and bos (the first of ties), eos at a row's last step, log-probabilities over
+    # the whole vocabulary, rows finishing only while live
+    from transduce import kernels
+    from transduce.search import _log_probs
+
+    g = torch.Generator().manual_seed(0)
+    n, v = 40, 11
+    logits = torch.randn(n, v, generator=g)
+    logits[0, PAD] = logits[1, BOS] = 50.0  # never chosen
+    logits[2, 3] = logits[2, 5] = 40.0      # a tie: the first
+    logits[3, EOS] = logits[4, EOS] = 40.0  # eos chosen: row 3 live, row 4 already finished
+    stop = torch.randint(3, 6, (n,), generator=g)
+    live = torch.rand(n, generator=g) > 0.2
+    live[3], live[4] = True, False
+    logprob = torch.randn(n, generator=g)
+    t = 4
+    logp = _log_probs(logits)
+    want = logp.argmax(-1)
+    want[stop == t] = EOS
+    want_lp = logprob + logp.gather(1, want[:, None])[:, 0]
+    want_done = ((want == EOS) & live).nonzero()[:, 0]
+    want_live = live & ~(want == EOS)
+    live_k, lp_k = live.clone(), logprob.clone()
+    best, done, n_live = kernels.ops().greedy_pick(logits, stop, t, live_k, lp_k, PAD, BOS, EOS)
+    assert torch.equal(best, want) and best[0] != PAD and best[1] != BOS and best[2] == 3
+    assert torch.equal(done, want_done) and 3 in done.tolist() and 4 not in done.tolist()
+    assert torch.equal(live_k, want_live) and n_live == int(want_live.sum())
+    torch.testing.assert_close(lp_k, want_lp, rtol=1e-6, atol=1e-5)
+
+
+def test_greedy_on_the_kernels_equals_greedy_on_torch_ops(decoding_model_name, monkeypatch):
+    import transduce.search as S
+
+    model = make_model(decoding_model_name, seed=7)
+    src, mask = sources(decoding_model_name, b=9, seed=7)
+    fast = greedy(model, src, mask, 1.5, 4)
+    calls = []
+    real = S.kernels.ops
+    monkeypatch.setattr(S.kernels, "ops", lambda: calls.append(1) or None)
+    slow = greedy(model, src, mask, 1.5, 4)
+    monkeypatch.setattr(S.kernels, "ops", real)
+    assert calls  # the second run took the torch ops' path
+    assert [h[0].tokens for h in fast] == [h[0].tokens for h in slow]
+    for x, y in zip(fast, slow):
+        assert x[0].logprob == pytest.approx(y[0].logprob, abs=1e-4)

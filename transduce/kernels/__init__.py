@@ -41,7 +41,7 @@ import torch
 log = logging.getLogger("transduce")
 
 SOURCES = [Path(__file__).with_name(f)
-           for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "linear.cpp", "dropout.cpp")]
+           for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "linear.cpp", "dropout.cpp", "search.cpp")]
 HEADERS = [Path(__file__).with_name("rows.h")]  # included by the sources: part of the build's key
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
