@@ -179,3 +179,27 @@ def test_greedy_on_the_kernels_equals_greedy_on_torch_ops(decoding_model_name, m
     assert [h[0].tokens for h in fast] == [h[0].tokens for h in slow]
     for x, y in zip(fast, slow):
         assert x[0].logprob == pytest.approx(y[0].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_on_the_kernels_equals_beam_search_on_torch_ops(decoding_model_name, monkeypatch,
+                                                                     length_penalty):
+    # beam_advance (the step's ranking, finished hypotheses, stopping, in one call) against the
+    # torch ops' path: the same n-best lists, sources finishing at different steps
+    import transduce.search as S
+
+    model = make_model(decoding_model_name, seed=8)
+    src, mask = sources(decoding_model_name, b=9, seed=8)
+    run = lambda: beam_search(model, src, mask, beam=4, nbest=3, length_penalty=length_penalty,
+                              max_len_a=1.5, max_len_b=3)
+    calls = []
+    real = S.kernels.ops
+    monkeypatch.setattr(S.kernels, "ops", lambda: calls.append(1) or real())
+    fast = run()
+    assert calls and real() is not None
+    monkeypatch.setattr(S.kernels, "ops", lambda: None)
+    slow = run()
+    assert [[h.tokens for h in n] for n in fast] == [[h.tokens for h in n] for n in slow]
+    for x, y in zip(fast, slow):
+        assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-4)
+        assert len(x) == 3

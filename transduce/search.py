@@ -175,9 +175,40 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     n_finished = [0] * b                         # per source
     nth_score = [float("-inf")] * b              # score of its nbest-th finished hypothesis
+    ops = kernels.ops()
+    stop = max_len.clone()                        # each source's last step
+    count = torch.zeros(b, dtype=torch.long)      # the kernel's n_finished and finished scores
+    best = torch.full((b, k), float("-inf"))
     for t in range(steps):
         logits, state = model.step(last, state)
         n_rows = alive.numel()
+        if (ops is not None and logits.device.type == "cpu" and logits.dtype == torch.float32
+                and logits.dim() == 2 and logits.stride(1) == 1):
+            # the step's ranking and bookkeeping in one call (see _one_path: with decoding workers on
+            # threads, each small op waits for the interpreter lock behind the other workers)
+            scores, new_tok, rows, ended, raw, n_live = ops.beam_advance(
+                logits, scores, stop, t, live, count, best, nbest, float(length_penalty), PAD, BOS, EOS)
+            if ended.numel():
+                length = t + 1
+                e_i, e_b = ended[:, 0], ended[:, 1]
+                for score, toks, src_i in zip(raw.tolist(), hist[e_i, e_b].tolist(), alive[e_i].tolist()):
+                    f = finished[src_i]
+                    f.append(Hypothesis(toks, score, score / length ** length_penalty))
+                    f.sort(key=lambda h: -h.score)
+                    del f[k:]
+            if n_live == 0:
+                break
+            new_beam = rows.view(n_rows, k) - torch.arange(n_rows)[:, None] * k
+            hist = torch.cat([hist.gather(1, new_beam[:, :, None].expand(-1, -1, t)), new_tok[:, :, None]], 2)
+            keep = None
+            if n_live <= (1.0 - COMPACT_AT) * n_rows:
+                keep = live.nonzero()[:, 0]
+                rows = rows.view(n_rows, k)[keep].view(-1)
+                alive, scores, hist, new_tok, live = alive[keep], scores[keep], hist[keep], new_tok[keep], live[keep]
+                stop, count, best = stop[keep], count[keep], best[keep]
+            state = model.reorder_state(state, rows, keep)
+            last = new_tok.reshape(-1)
+            continue
         logp = _log_probs(logits).view(n_rows, k, -1)  # (b, K, V)
         vocab = logp.shape[-1]
         at_max = max_len[alive] == t
