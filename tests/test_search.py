@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_model, random_batch, vocab_sizes
 from transduce.data.pipeline import Batch, pad
-from transduce.data.vocab import BOS, EOS, PAD
+from transduce.data.vocab import BOS, EOS, PAD, UNK
 from transduce.search import beam_search, greedy, max_lengths
 
 
@@ -203,3 +203,24 @@ def test_beam_search_on_the_kernels_equals_beam_search_on_torch_ops(decoding_mod
     for x, y in zip(fast, slow):
         assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-4)
         assert len(x) == 3
+
+
+def test_beam_advance_skips_missing_beams_and_impossible_tokens():
+    # scores of -inf (no beam yet) and logits of -inf (a token a model rules out) are never chosen;
+    # with fewer finite continuations than beams, the rest are -inf
+    from transduce import kernels
+
+    n, k, v = 2, 3, 6
+    logits = torch.zeros(n * k, v)
+    logits[:, 2:] = float("-inf")
+    logits[:, UNK] = 0.0                    # the only possible token: pad, bos, eos and the rest ruled out
+    scores = torch.tensor([[0.0, float("-inf"), float("-inf")]] * n)
+    live, count, best = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.full((n, k), float("-inf"))
+    stop = torch.full((n,), 10)
+    new_scores, tok, rows, ended, raw, n_live = kernels.ops().beam_advance(
+        logits, scores, stop, 0, live, count, best, 1, 1.0, PAD, BOS, EOS)
+    allowed = {UNK}
+    assert torch.isfinite(new_scores[:, 0]).all() and set(tok[:, 0].tolist()) <= allowed
+    assert torch.isinf(new_scores[:, len(allowed):]).all()  # fewer continuations than beams
+    assert (rows.view(n, k)[:, 0] == torch.arange(n) * k).all()  # they continue beam 0, the only one
+    assert ended.shape == (0, 3) and n_live == n and count.tolist() == [0, 0]

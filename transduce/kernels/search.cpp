@@ -17,10 +17,32 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 namespace {
+
+// The kernels are built with -ffast-math, under which the compiler may assume no value is
+// infinite and fold comparisons with -inf away; beam scores use -inf for "no beam", so they are
+// told apart by their bits.
+inline bool is_minus_inf(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits == 0xFF800000u;
+}
+
+// log(sum(exp(x))) over a row: log_softmax(x) = x - this
+inline float log_sum_exp(const float* __restrict__ x, int64_t v) {
+  float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+  for (int64_t j = 0; j < v; ++j) top = std::max(top, x[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < v; ++j) sum += std::exp(x[j] - top);
+  return top + std::log(sum);
+}
 
 std::tuple<at::Tensor, at::Tensor, int64_t> greedy_pick(const at::Tensor& logits, const at::Tensor& stop, int64_t t,
                                                          at::Tensor live, at::Tensor logprob, int64_t pad, int64_t bos,
@@ -46,13 +68,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> greedy_pick(const at::Tensor& logits
   const int64_t ls = logits.stride(0);
   for (int64_t r = 0; r < n; ++r) {
     const float* x = lp + r * ls;
-    float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-    for (int64_t j = 0; j < v; ++j) top = std::max(top, x[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < v; ++j) sum += std::exp(x[j] - top);
-    const float lse = top + std::log(sum);
+    const float lse = log_sum_exp(x, v);
     int64_t b = -1;
     float most = -INFINITY;
     for (int64_t j = 0; j < v; ++j) {
@@ -137,19 +153,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
     const bool forced = stp[i] == t;
     for (int64_t j = 0; j < k; ++j) {
       const float base = sp[i * k + j];
-      if (base == -INFINITY) continue;
+      if (is_minus_inf(base)) continue;
       const float* x = lp + (i * k + j) * ls;
-      float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-      for (int64_t c = 0; c < v; ++c) m = std::max(m, x[c]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < v; ++c) sum += std::exp(x[c] - m);
-      const float lse = m + std::log(sum);
+      const float lse = log_sum_exp(x, v);
       for (int64_t c = 0; c < v; ++c) {
         if (c == pad || c == bos || (forced && c != eos)) continue;
         const float cand = base + (x[c] - lse);
-        if (filled == nc && !(cand > top[nc - 1])) continue;
+        if (is_minus_inf(cand) || (filled == nc && !(cand > top[nc - 1]))) continue;  // a -inf logit
         int64_t p = filled < nc ? filled++ : nc - 1;
         while (p > 0 && cand > top[p - 1]) {
           top[p] = top[p - 1];
@@ -160,13 +170,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
         idx[p] = j * v + c;
       }
     }
-    for (int64_t p = filled; p < nc; ++p) top[p] = -INFINITY, idx[p] = 0;
     // finished hypotheses among the first K ranks; the first K others continue
     int64_t kept = 0;
-    for (int64_t p = 0; p < nc; ++p) {
-      const bool finite = top[p] != -INFINITY;
+    for (int64_t p = 0; p < filled; ++p) {  // the finite candidates
       const int64_t beam_of = idx[p] / v, tok = idx[p] % v;
-      if (tok == eos && finite && p < k && alive[i]) {
+      if (tok == eos && p < k && alive[i]) {
         ended.insert(ended.end(), {i, beam_of, p});
         ended_raw.push_back(top[p]);
         const float score = top[p] / norm_now;
@@ -180,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
           f[q] = score;
           cnt[i] = std::min(cnt[i] + 1, k);
         }
-      } else if (tok != eos && finite && kept < k) {
+      } else if (tok != eos && kept < k) {
         ns[i * k + kept] = top[p];
         nt[i * k + kept] = tok;
         rp[i * k + kept] = i * k + beam_of;
@@ -193,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
       rp[i * k + kept] = i * k;
     }
     const float lead = ns[i * k];
-    const bool done = lead == -INFINITY || cnt[i] >= k || (cnt[i] >= nbest && lead / norm_next <= fin[i * k + nbest - 1]);
+    const bool done = is_minus_inf(lead) || cnt[i] >= k || (cnt[i] >= nbest && lead / norm_next <= fin[i * k + nbest - 1]);
     alive[i] = alive[i] && !done;
     n_live += alive[i];
   }
