@@ -21,6 +21,9 @@ PyTorch's flash kernel spends most of its time setting up blocks
 are needed and there is no attention dropout). `dropout.cpp` is inverted
 dropout in one pass whose mask is a hash of a seed and the element's index,
 so the backward pass recomputes it instead of storing it (`dropout`).
+`search.cpp` does a decoding step's bookkeeping in one call (`greedy_pick`,
+`beam_advance`, used by search.py): with decoding workers on threads, each
+small op of a step waited for the interpreter lock behind the others.
 
 The kernels are built with PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
