@@ -392,6 +392,7 @@ bool int8_tiles() {
 
 at::Tensor int8_pack(const at::Tensor& w) {
 #ifdef TRANSDUCE_AMX
+  TORCH_CHECK(tiles::granted(), "int8_pack: the OS did not grant this process the CPU's AMX tiles (arch_prctl)");
   return tiles::pack(w);
 #else
   TORCH_CHECK(false, "int8_pack: the kernels were built for a CPU without AMX int8 tiles");
