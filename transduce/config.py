@@ -36,6 +36,9 @@ class TokenizerConfig:
     # `package:NAME/sub/dir` inside an installed Python package
     path: Optional[str] = None
     wrap: bool = False               # encode each text as <s> ... </s> (BERT's [CLS] ... [SEP]); sources only
+    # ids run last symbol first: on the target a right-to-left decoder (outputs come back in reading order;
+    # `--model L2R R2L` rescores each direction's n-best with both), on the source a reversed input
+    reverse: bool = False
 
     def validate(self) -> None:
         if self.kind == "pretrained" and not self.path:

@@ -67,26 +67,42 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
 
 
 def ensemble(runs: list[LoadedRun], names: list[str] | None = None) -> LoadedRun:
-    """One run whose model decodes as the mean of the runs' models (`search.Ensemble`); config
-    (decoding settings, data, metrics) and codecs are the first run's. The runs must share their
-    source and target vocabularies and have decoders; `names` (their directories) name the one that
-    does not."""
+    """One run that decodes with all of the runs' models; config (decoding settings, data, metrics)
+    and codecs are the first run's. The runs must share their source and target vocabularies and
+    have decoders; `names` (their directories) name the one that does not.
+
+    Runs whose target ids run the same way decode as the mean of their models (`search.Ensemble`).
+    Runs of both directions (some trained with `data.target_tokenizer.reverse`) decode by n-best
+    rescoring (`search.Bidirectional`): each direction's ensemble proposes, all of them score.
+    """
     import dataclasses
 
-    from transduce.search import Ensemble
+    from transduce.search import Bidirectional, Ensemble
 
     if len(runs) == 1:
         return runs[0]
     names = names or [str(r.checkpoint) for r in runs]
     first = runs[0]
+
+    def plain(codec: TextCodec) -> dict:
+        return {k: v for k, v in codec.to_dict().items() if k != "reverse"}
+
     for name, r in zip(names, runs):
         if not r.model.can_decode:
             raise CheckpointError(f"{name}: a {r.config.model.family} model has no decoder to ensemble")
-        for side in ("source", "target"):
-            if getattr(r, side).to_dict() != getattr(first, side).to_dict():
-                raise CheckpointError(f"{name}: its {side} vocabulary differs from {names[0]}'s; an ensemble's "
-                                      "models must share both (train them on the same data and tokenizers)")
-    return dataclasses.replace(first, model=Ensemble([r.model for r in runs]))
+        if r.source.to_dict() != first.source.to_dict():
+            raise CheckpointError(f"{name}: its source vocabulary differs from {names[0]}'s; an ensemble's "
+                                  "models must share both (train them on the same data and tokenizers)")
+        if plain(r.target) != plain(first.target):
+            raise CheckpointError(f"{name}: its target vocabulary differs from {names[0]}'s; an ensemble's "
+                                  "models must share both (train them on the same data and tokenizers)")
+    ways = {}
+    for r in runs:
+        ways.setdefault(r.target.reverse, []).append(r.model)
+    if len(ways) == 1:
+        return dataclasses.replace(first, model=Ensemble([r.model for r in runs]))
+    directions = [(models[0] if len(models) == 1 else Ensemble(models), reverse) for reverse, models in ways.items()]
+    return dataclasses.replace(first, model=Bidirectional(directions, out_reverse=first.target.reverse))
 
 
 def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: int | None = None,

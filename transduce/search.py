@@ -6,7 +6,8 @@ quarter of it, `COMPACT_AT`) so the remaining steps cost less. None knows
 which family the model is.
 `ForcedPrefix` makes every output start with given tokens (a prompt to
 continue) without the searches knowing; `Ensemble` makes several models
-decode as one.
+decode as one; `Bidirectional` decodes with models that write the target in
+opposite directions (each proposes its n-best, all score every candidate).
 
 Output lengths: a hypothesis has at most `floor(a * source_length + b)`
 tokens before its </s>; at that length </s> is forced.
@@ -267,6 +268,8 @@ def search(model, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig,
     """Greedy for beam 1 with one hypothesis, beam search otherwise."""
     beam = cfg.beam if beam is None else beam
     nbest = cfg.nbest if nbest is None else nbest
+    if isinstance(model, Bidirectional):
+        return bidirectional_search(model, src, src_mask, cfg, beam, nbest)
     if beam == 1 and nbest == 1:
         return greedy(model, src, src_mask, cfg.max_len_a, cfg.max_len_b, cfg.length_penalty)
     return beam_search(model, src, src_mask, beam, nbest, cfg.length_penalty, cfg.max_len_a, cfg.max_len_b)
@@ -348,6 +351,15 @@ class Ensemble:
     def reorder_state(self, state: list, rows: torch.Tensor | None, batch: torch.Tensor | None = None) -> list:
         return [m.reorder_state(s, rows, batch) for m, s in zip(self.models, state)]
 
+    def forward(self, batch) -> torch.Tensor:
+        """(B, T, V) the mixture's log-probabilities under teacher forcing (valid logits)."""
+        logps = [F.log_softmax(m(batch).float(), dim=-1) for m in self.models]
+        if len(logps) == 1:
+            return logps[0]
+        return torch.logsumexp(torch.stack(logps), dim=0) - self._log_n
+
+    __call__ = forward
+
     def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor | None:
         limits = [lim for m in self.models if (lim := max_lengths_of(m, src_mask)) is not None]
         if not limits:
@@ -358,3 +370,73 @@ class Ensemble:
 def max_lengths_of(model, src_mask: torch.Tensor) -> torch.Tensor | None:
     """The model's `max_output_len`, or None where it has none."""
     return getattr(model, "max_output_len", lambda m: None)(src_mask)
+
+
+class Bidirectional:
+    """Models that write the target in opposite directions, decoded together by n-best rescoring.
+
+    `directions` is a list of (model, reverse): a model (or an `Ensemble` of models of one
+    direction) and whether its target ids run last symbol first (`TextCodec.reverse`). Each
+    direction's search proposes its n-best; every proposal, in reading order, is scored by every
+    direction under teacher forcing (its log-probability, </s> included), and ranked by the mean of
+    those log-probabilities over the length to the power `length_penalty` (Liu et al. 2016's
+    agreement of left-to-right and right-to-left decoders, as n-best reranking). `out_reverse`:
+    the direction the outputs' ids are returned in (that of the codec that decodes them).
+    """
+
+    can_decode = True
+
+    def __init__(self, directions: list[tuple[object, bool]], out_reverse: bool = False):
+        if len(directions) < 2:
+            raise ValueError("Bidirectional needs models of at least two directions")
+        self.directions = list(directions)
+        self.out_reverse = out_reverse
+
+    def forward(self, batch):
+        raise ValueError("models of opposite directions have no common next-token distribution (no "
+                         "perplexity); score them one direction at a time")
+
+    __call__ = forward
+
+
+@torch.no_grad()
+def sequence_logprobs(model, src: torch.Tensor, src_mask: torch.Tensor, rows: torch.Tensor,
+                      outputs: list[list[int]]) -> torch.Tensor:
+    """(N,) log-probability of each output (ids without </s>; </s> is scored) given the source of
+    `rows[i]`, under teacher forcing: `model(batch)` of (source, output) pairs."""
+    from transduce.data.pipeline import Batch, pad
+
+    tgt_in = pad([[BOS] + o for o in outputs])
+    labels = pad([o + [EOS] for o in outputs])
+    batch = Batch(src[rows], src_mask[rows], tgt_in, labels)
+    logp = F.log_softmax(model(batch).float(), dim=-1)                        # (N, T, V)
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]           # (N, T)
+    return picked.masked_fill(labels == PAD, 0.0).sum(1)
+
+
+@torch.no_grad()
+def bidirectional_search(model: Bidirectional, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig,
+                         beam: int, nbest: int) -> list[list[Hypothesis]]:
+    """The `nbest` best of the directions' proposals (each direction: `beam` wide, its `beam`-best;
+    greedy where beam is 1), rescored by all directions (see `Bidirectional`)."""
+    b = src.shape[0]
+    proposals: list[dict[tuple, None]] = [{} for _ in range(b)]   # reading-order ids, first seen first
+    for m, reverse in model.directions:
+        found = search(m, src, src_mask, cfg, beam, beam) if beam > 1 else search(m, src, src_mask, cfg, 1, 1)
+        for i, hyps in enumerate(found):
+            for h in hyps:
+                proposals[i][tuple(reversed(h.tokens)) if reverse else tuple(h.tokens)] = None
+    rows = torch.tensor([i for i in range(b) for _ in proposals[i]], dtype=torch.long)
+    outputs = [list(o) for i in range(b) for o in proposals[i]]
+    total = torch.zeros(len(outputs))
+    for m, reverse in model.directions:
+        total += sequence_logprobs(m, src, src_mask, rows, [o[::-1] for o in outputs] if reverse else outputs)
+    mean = total / len(model.directions)
+    out: list[list[Hypothesis]] = [[] for _ in range(b)]
+    for r, o, lp in zip(rows.tolist(), outputs, mean.tolist()):
+        tokens = o[::-1] if model.out_reverse else o
+        out[r].append(Hypothesis(tokens, lp, lp / (len(o) + 1) ** cfg.length_penalty))
+    for hyps in out:
+        hyps.sort(key=lambda h: -h.score)
+        del hyps[nbest:]
+    return out

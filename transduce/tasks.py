@@ -255,6 +255,9 @@ class EncoderTask:
         if cfg.data.target_tokenizer != TokenizerConfig():
             raise ValueError(f"data.target_tokenizer: does not apply to model.family {cfg.model.family!r} "
                              "(its targets are labels, read as whole symbols); remove it")
+        if cfg.data.source_tokenizer.reverse:
+            raise ValueError(f"data.source_tokenizer.reverse: applies to families with a decoder, not "
+                             f"{cfg.model.family!r}; remove it")
         if cfg.data.dataset is not None and self.name != "mlm":
             raise ValueError(f"data.dataset: {cfg.data.dataset!r} is not {self.name} data; give data.train "
                              "(see transduce/tasks.py for the format)")

@@ -361,12 +361,16 @@ class TextCodec:
 
     `wrap`: non-empty texts are encoded as <s> ... </s> (what a BERT encoder
     saw in pretraining as [CLS] ... [SEP]); for the source side only.
+    `reverse`: the ids run last symbol first (a right-to-left decoder on the
+    target side, a reversed input on the source side); `decode` puts them
+    back in reading order, so text in and text out read as usual.
     """
 
-    def __init__(self, tokenizer, vocab: Vocab, wrap: bool = False):
+    def __init__(self, tokenizer, vocab: Vocab, wrap: bool = False, reverse: bool = False):
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.wrap = wrap
+        self.reverse = reverse
 
     @classmethod
     def fit(cls, cfg: TokenizerConfig, texts: list[str]) -> "TextCodec":
@@ -374,12 +378,12 @@ class TextCodec:
             from transduce.models.bert import resolve_path
 
             tok = PretrainedTokenizer.load(resolve_path(cfg.path), cfg.lowercase)
-            return cls(tok, Vocab(tok.symbols()), cfg.wrap)
+            return cls(tok, Vocab(tok.symbols()), cfg.wrap, cfg.reverse)
         if cfg.kind in ("bpe", "unigram"):
             tok = SubwordTokenizer.train(cfg.kind, cfg.lowercase, texts, cfg.vocab_size)
-            return cls(tok, Vocab(tok.symbols()), cfg.wrap)
+            return cls(tok, Vocab(tok.symbols()), cfg.wrap, cfg.reverse)
         tok = CharTokenizer(cfg.lowercase) if cfg.kind == "char" else WhitespaceTokenizer(cfg.lowercase)
-        return cls(tok, Vocab.from_counts(tok.count(texts), cfg.min_frequency), cfg.wrap)
+        return cls(tok, Vocab.from_counts(tok.count(texts), cfg.min_frequency), cfg.wrap, cfg.reverse)
 
     @classmethod
     def fit_encode(cls, cfg: TokenizerConfig, texts: list[str], unknown: Counter | None = None
@@ -393,12 +397,16 @@ class TextCodec:
                 vocab, flat, lengths, unknown_here = got
                 if unknown is not None:
                     unknown.update(unknown_here)
-                return cls(tok, vocab, cfg.wrap), flat, lengths
+                if cfg.reverse:
+                    flat = reverse_segments(flat, lengths)
+                return cls(tok, vocab, cfg.wrap, cfg.reverse), flat, lengths
         codec = cls.fit(cfg, texts)
         return (codec, *codec.encode_many(texts, unknown))
 
     def encode(self, text: str, unknown: Counter | None = None) -> list[int]:
         ids = self.vocab.encode(self.tokenizer.split(text), unknown)
+        if self.reverse:
+            ids.reverse()
         return [BOS] + ids + [EOS] if self.wrap and ids else ids
 
     def encode_many(self, texts: list[str], unknown: Counter | None = None,
@@ -411,6 +419,8 @@ class TextCodec:
             part = texts[k: k + chunk]
             if bulk is not None and not self.wrap:
                 flat, length = bulk(part, self.vocab, unknown)
+                if self.reverse:
+                    flat = reverse_segments(flat, length)
             else:
                 seqs = [self.encode(t, unknown) for t in part]
                 length = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
@@ -424,6 +434,9 @@ class TextCodec:
     def encode_words(self, words: list[str], unknown: Counter | None = None) -> tuple[list[int], list[int]]:
         """Ids of pre-split words (each word's pieces, at least <unk>) and the position of each
         word's first piece (for tagging: one label per word)."""
+        if self.reverse:
+            raise ValueError("a reversed codec has no word positions to tag (reverse applies to families with "
+                             "a decoder)")
         ids, firsts = [BOS] if self.wrap else [], []
         for w in words:
             firsts.append(len(ids))
@@ -433,7 +446,10 @@ class TextCodec:
         return ids, firsts
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.join(self.vocab.decode(ids))
+        symbols = self.vocab.decode(ids)
+        if self.reverse:
+            symbols.reverse()
+        return self.tokenizer.join(symbols)
 
     def symbols(self, ids: Iterable[int]) -> list[str]:
         return self.vocab.decode(ids)
@@ -443,10 +459,14 @@ class TextCodec:
         if symbol in self.vocab.stoi:
             return self
         itos = self.vocab.itos
-        return TextCodec(self.tokenizer, Vocab(itos[: len(SPECIALS)] + [symbol] + itos[len(SPECIALS):]), self.wrap)
+        return TextCodec(self.tokenizer, Vocab(itos[: len(SPECIALS)] + [symbol] + itos[len(SPECIALS):]), self.wrap,
+                         self.reverse)
 
     def to_dict(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_dict(), "symbols": self.vocab.itos, "wrap": self.wrap}
+        d = {"tokenizer": self.tokenizer.to_dict(), "symbols": self.vocab.itos, "wrap": self.wrap}
+        if self.reverse:  # absent in reading order: codecs saved before it existed compare equal
+            d["reverse"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextCodec":
@@ -461,7 +481,7 @@ class TextCodec:
             tok = PretrainedTokenizer(t["hf_json"], t["lowercase"])
         else:
             raise ValueError(f"unknown tokenizer kind {t['kind']!r}")
-        return cls(tok, Vocab(d["symbols"]), bool(d.get("wrap", False)))
+        return cls(tok, Vocab(d["symbols"]), bool(d.get("wrap", False)), bool(d.get("reverse", False)))
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -471,4 +491,13 @@ def share_vocab(a: TextCodec, b: TextCodec) -> tuple[TextCodec, TextCodec]:
     """Both codecs over one vocabulary covering both sides (for shared embeddings)."""
     extra = [s for s in b.vocab.itos[len(SPECIALS):] if s not in a.vocab.stoi]
     vocab = Vocab(a.vocab.itos + extra)
-    return TextCodec(a.tokenizer, vocab, a.wrap), TextCodec(b.tokenizer, vocab, b.wrap)
+    return TextCodec(a.tokenizer, vocab, a.wrap, a.reverse), TextCodec(b.tokenizer, vocab, b.wrap, b.reverse)
+
+
+def reverse_segments(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`flat` (the sequences of `lengths` laid end to end) with each sequence reversed in place."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    # position i of the sequence starting at s with length n takes the id at s + (s + n - 1) - i
+    src = np.repeat(2 * starts + lengths - 1, lengths) - np.arange(int(lengths.sum()), dtype=np.int64)
+    return flat[src]
