@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Empty input lines give empty output lines.")
     tr.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR",
                     help="run directory; several: decode with their ensemble (the mean of their next-token "
-                         "probabilities; same vocabularies; decoding settings from the first)")
+                         "probabilities; same vocabularies; decoding settings from the first); runs of both "
+                         "directions (data.target_tokenizer.reverse): each direction proposes its n-best, all "
+                         "rescore")
     decoding(tr)
     tr.add_argument("--nbest", type=int, help="hypotheses per input, written tab-separated")
     tr.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch",
@@ -351,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="decode a test set and print metrics",
                         description="Print the task's metrics; the last line is JSON.")
     ev.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR",
-                    help="run directory; several: evaluate their ensemble (data and metrics from the first)")
+                    help="run directory; several: evaluate their ensemble (data and metrics from the first; "
+                         "runs of both directions rescore each other's n-best)")
     ev.add_argument("--data", help="test pairs (.tsv, .jsonl or src|tgt); default: the run's test split")
     ev.add_argument("--split", default="test", choices=["dev", "test"],
                     help="split of the run's configured data when --data is not given")
