@@ -27,14 +27,16 @@ demo: install
 	printf 'transduce\nencoder\ndecoder\nphoneme\nsaturday\n' | $(BIN)/transduce translate --model $(RUN)
 
 # The hour's recipe (README, "Ensembles"): two models trained at once, one thread each (the same CPU
-# time as one run on 2 threads), decoded as one; the first member's log goes to $(RUN)_hour1.log.
+# time as one run on 2 threads), the second writing right to left, decoded together (each direction's
+# n-best rescored by both); the first member's log goes to $(RUN)_hour1.log.
 HOUR := --set train.max_minutes=60 --set model.d_model=192 --set model.ff_dim=768 --set model.dropout=0.1 \
 	--set train.threads=1 --set decode.workers=1
 hour: install
 	mkdir -p $(dir $(RUN))
 	$(BIN)/transduce train recipes/g2p_cmudict.yaml --out $(RUN)_hour1 $(HOUR) --set train.seed=1 \
 		> $(RUN)_hour1.log 2>&1 & \
-	$(BIN)/transduce train recipes/g2p_cmudict.yaml --out $(RUN)_hour2 $(HOUR) --set train.seed=2; \
+	$(BIN)/transduce train recipes/g2p_cmudict.yaml --out $(RUN)_hour2 $(HOUR) --set train.seed=2 \
+		--set data.target_tokenizer.reverse=true; \
 	rc=$$?; wait $$! && exit $$rc
 	$(BIN)/transduce evaluate --model $(RUN)_hour1 $(RUN)_hour2 --workers 2 --show 8
 

@@ -419,19 +419,26 @@ def bidirectional_search(model: Bidirectional, src: torch.Tensor, src_mask: torc
                          beam: int, nbest: int) -> list[list[Hypothesis]]:
     """The `nbest` best of the directions' proposals (each direction: `beam` wide, its `beam`-best;
     greedy where beam is 1), rescored by all directions (see `Bidirectional`)."""
-    b = src.shape[0]
-    proposals: list[dict[tuple, None]] = [{} for _ in range(b)]   # reading-order ids, first seen first
-    for m, reverse in model.directions:
+    b, k = src.shape[0], len(model.directions)
+    # reading-order ids -> each direction's log-probability (NaN: not scored yet), first seen first
+    proposals: list[dict[tuple, list[float]]] = [{} for _ in range(b)]
+    for d, (m, reverse) in enumerate(model.directions):
         found = search(m, src, src_mask, cfg, beam, beam) if beam > 1 else search(m, src, src_mask, cfg, 1, 1)
         for i, hyps in enumerate(found):
             for h in hyps:
-                proposals[i][tuple(reversed(h.tokens)) if reverse else tuple(h.tokens)] = None
+                scores = proposals[i].setdefault(tuple(reversed(h.tokens)) if reverse else tuple(h.tokens),
+                                                 [math.nan] * k)
+                scores[d] = h.logprob  # what the search found is its teacher-forced log-probability
     rows = torch.tensor([i for i in range(b) for _ in proposals[i]], dtype=torch.long)
     outputs = [list(o) for i in range(b) for o in proposals[i]]
-    total = torch.zeros(len(outputs))
-    for m, reverse in model.directions:
-        total += sequence_logprobs(m, src, src_mask, rows, [o[::-1] for o in outputs] if reverse else outputs)
-    mean = total / len(model.directions)
+    scores = torch.tensor([s for i in range(b) for s in proposals[i].values()], dtype=torch.float32).view(-1, k)
+    for d, (m, reverse) in enumerate(model.directions):
+        todo = scores[:, d].isnan().nonzero()[:, 0]  # the other directions' proposals
+        if len(todo):
+            these = [outputs[j] for j in todo.tolist()]
+            scores[todo, d] = sequence_logprobs(m, src, src_mask, rows[todo],
+                                                [o[::-1] for o in these] if reverse else these)
+    mean = scores.mean(1)
     out: list[list[Hypothesis]] = [[] for _ in range(b)]
     for r, o, lp in zip(rows.tolist(), outputs, mean.tolist()):
         tokens = o[::-1] if model.out_reverse else o
