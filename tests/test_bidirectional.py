@@ -8,6 +8,7 @@ both directions given to `--model` decode and evaluate that way."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -24,7 +25,8 @@ from transduce.data.pipeline import fit_encode_pairs
 from transduce.data.readers import Pair
 from transduce.data.vocab import EOS, TextCodec, reverse_segments
 from transduce.inference import ensemble, load_run, perplexity, translate
-from transduce.search import Bidirectional, Ensemble, beam_search, bidirectional_search, greedy
+from transduce.search import (Bidirectional, Ensemble, SourceReversed, beam_search, bidirectional_search,
+                              greedy)
 from transduce.training.trainer import train
 
 TEXTS = ["AH0 B AW1 T", "K AE1 T", "", "T", "Z IY1 R OW0 Z"]
@@ -128,16 +130,33 @@ def test_an_ensemble_scores_a_batch_as_the_mixture_it_decodes_with():
         assert h[0].logprob == pytest.approx(lp, abs=1e-4)
 
 
+def test_a_model_trained_on_reversed_sources_reads_them_in_reading_order():
+    model = member("transformer-prenorm", 14)
+    batch = random_batch(5, seed=14, src_v=11)
+    flipped = SourceReversed.flip(batch.src, batch.src_mask)
+    for i in range(5):
+        n = int(batch.src_mask[i].sum())
+        assert flipped[i, :n].tolist() == batch.src[i, :n].tolist()[::-1]
+        assert flipped[i, n:].tolist() == batch.src[i, n:].tolist()
+    direct = beam_search(model, flipped, batch.src_mask, beam=3, nbest=2, max_len_a=1.0, max_len_b=3)
+    adapted = beam_search(SourceReversed(model), batch.src, batch.src_mask, beam=3, nbest=2, max_len_a=1.0,
+                          max_len_b=3)
+    assert [[h.tokens for h in x] for x in direct] == [[h.tokens for h in x] for x in adapted]
+    assert torch.allclose(SourceReversed(model)(batch), model(dataclasses.replace(batch, src=flipped)))
+
+
 @pytest.fixture(scope="module")
 def both_ways(tmp_path_factory):
+    """Left to right; right to left; right to left reading reversed sources."""
     folder = tmp_path_factory.mktemp("bidi")
     data = toy_data(folder)
     runs = []
-    for seed, reverse in ((1, False), (2, True), (3, True)):
+    for seed, reverse, reverse_source in ((1, False, False), (2, True, False), (3, True, True)):
         run = folder / f"run{seed}"
         cfg = toy_config(data, max_steps=30, seed=seed)
         cfg.decode.beam = 2
         cfg.data.target_tokenizer.reverse = reverse
+        cfg.data.source_tokenizer.reverse = reverse_source
         train(cfg, run, progress=False)
         runs.append(run)
     return folder, runs
@@ -169,6 +188,8 @@ def test_runs_of_both_directions_decode_by_rescoring(both_ways, capsys):
     assert isinstance(both.model, Bidirectional) and both.config is loaded[0].config
     (left, l_rev), (right, r_rev) = both.model.directions
     assert not l_rev and r_rev and isinstance(right, Ensemble) and len(right.models) == 2
+    assert right.models[0] is loaded[1].model and isinstance(right.models[1], SourceReversed)
+    assert right.models[1].model is loaded[2].model
     words = ["a b c", "h g f e", "d d a b c"]
     expected = translate(both, words, beam=2)
     (folder / "in.txt").write_text("".join(w + "\n" for w in words))
@@ -179,6 +200,10 @@ def test_runs_of_both_directions_decode_by_rescoring(both_ways, capsys):
     # the right-to-left run first: outputs still in reading order, the same ranking
     first_r2l = ensemble([loaded[1], loaded[2], loaded[0]])
     assert translate(first_r2l, words, beam=2) == expected
+    # a run reading reversed sources first: sources are encoded its way, the others turn them back
+    first_reversed_source = ensemble([loaded[2], loaded[0], loaded[1]])
+    assert first_reversed_source.source.reverse
+    assert translate(first_reversed_source, words, beam=2) == expected
     capsys.readouterr()
     assert main(["evaluate", "--model", *map(str, runs), "--split", "dev"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -195,6 +220,7 @@ def test_every_direction_decodes_as_quantize_says(both_ways):
     run = _decoding_run(argparse.Namespace(model=[str(r) for r in runs], quantize="int8"))
     left, right = (m for m, _ in run.model.directions)
     for m in [left, *right.models]:
+        m = getattr(m, "model", m)  # a run reading sources the other way is wrapped
         assert any(isinstance(x, Int8Linear) for x in m.modules())
     assert translate(run, ["a b c"], beam=2)[0][0] != ""
 

@@ -71,13 +71,14 @@ def ensemble(runs: list[LoadedRun], names: list[str] | None = None) -> LoadedRun
     and codecs are the first run's. The runs must share their source and target vocabularies and
     have decoders; `names` (their directories) name the one that does not.
 
-    Runs whose target ids run the same way decode as the mean of their models (`search.Ensemble`).
+    Runs whose target ids run the same way decode as the mean of their models (`search.Ensemble`);
+    a run that reads sources the other way from the first sees them turned (`search.SourceReversed`).
     Runs of both directions (some trained with `data.target_tokenizer.reverse`) decode by n-best
     rescoring (`search.Bidirectional`): each direction's ensemble proposes, all of them score.
     """
     import dataclasses
 
-    from transduce.search import Bidirectional, Ensemble
+    from transduce.search import Bidirectional, Ensemble, SourceReversed
 
     if len(runs) == 1:
         return runs[0]
@@ -90,17 +91,16 @@ def ensemble(runs: list[LoadedRun], names: list[str] | None = None) -> LoadedRun
     for name, r in zip(names, runs):
         if not r.model.can_decode:
             raise CheckpointError(f"{name}: a {r.config.model.family} model has no decoder to ensemble")
-        if r.source.to_dict() != first.source.to_dict():
-            raise CheckpointError(f"{name}: its source vocabulary differs from {names[0]}'s; an ensemble's "
-                                  "models must share both (train them on the same data and tokenizers)")
-        if plain(r.target) != plain(first.target):
-            raise CheckpointError(f"{name}: its target vocabulary differs from {names[0]}'s; an ensemble's "
-                                  "models must share both (train them on the same data and tokenizers)")
+        for side in ("source", "target"):
+            if plain(getattr(r, side)) != plain(getattr(first, side)):
+                raise CheckpointError(f"{name}: its {side} vocabulary differs from {names[0]}'s; an ensemble's "
+                                      "models must share both (train them on the same data and tokenizers)")
     ways = {}
-    for r in runs:
-        ways.setdefault(r.target.reverse, []).append(r.model)
+    for r in runs:  # sources are encoded as the first run reads them: a run reading them the other way turns them
+        model = SourceReversed(r.model) if r.source.reverse != first.source.reverse else r.model
+        ways.setdefault(r.target.reverse, []).append(model)
     if len(ways) == 1:
-        return dataclasses.replace(first, model=Ensemble([r.model for r in runs]))
+        return dataclasses.replace(first, model=Ensemble(next(iter(ways.values()))))
     directions = [(models[0] if len(models) == 1 else Ensemble(models), reverse) for reverse, models in ways.items()]
     return dataclasses.replace(first, model=Bidirectional(directions, out_reverse=first.target.reverse))
 

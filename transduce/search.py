@@ -6,7 +6,8 @@ quarter of it, `COMPACT_AT`) so the remaining steps cost less. None knows
 which family the model is.
 `ForcedPrefix` makes every output start with given tokens (a prompt to
 continue) without the searches knowing; `Ensemble` makes several models
-decode as one; `Bidirectional` decodes with models that write the target in
+decode as one (`SourceReversed` lets a model trained on reversed sources
+join); `Bidirectional` decodes with models that write the target in
 opposite directions (each proposes its n-best, all score every candidate).
 
 Output lengths: a hypothesis has at most `floor(a * source_length + b)`
@@ -370,6 +371,47 @@ class Ensemble:
 def max_lengths_of(model, src_mask: torch.Tensor) -> torch.Tensor | None:
     """The model's `max_output_len`, or None where it has none."""
     return getattr(model, "max_output_len", lambda m: None)(src_mask)
+
+
+class SourceReversed:
+    """The model, seen by search as if it read its sources in reading order, when it was trained on
+    sources reversed (`data.source_tokenizer.reverse`): what a run whose source codec is not
+    reversed encodes is turned around, row by row, before the model sees it (padding stays at the
+    end). Lets such a run join an ensemble of runs that read sources the other way."""
+
+    def __init__(self, model):
+        self.model = model
+        self.can_decode = getattr(model, "can_decode", True)
+        self.config = getattr(model, "config", None)
+
+    @staticmethod
+    def flip(src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S) each row's real tokens in reverse order, padding after them."""
+        n = src_mask.sum(1, keepdim=True)                                # (B, 1)
+        j = torch.arange(src.shape[1])[None, :]                          # (1, S)
+        return src.gather(1, torch.where(j < n, n - 1 - j, j))
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor):
+        return self.model.encode(self.flip(src, src_mask), src_mask)
+
+    def init_state(self, memory, beam: int, max_len: int, record_attention: bool = False):
+        return self.model.init_state(memory, beam, max_len, record_attention)
+
+    def step(self, tokens: torch.Tensor, state):
+        return self.model.step(tokens, state)
+
+    def reorder_state(self, state, rows: torch.Tensor | None, batch: torch.Tensor | None = None):
+        return self.model.reorder_state(state, rows, batch)
+
+    def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor | None:
+        return max_lengths_of(self.model, src_mask)
+
+    def forward(self, batch):
+        import dataclasses
+
+        return self.model(dataclasses.replace(batch, src=self.flip(batch.src, batch.src_mask)))
+
+    __call__ = forward
 
 
 class Bidirectional:
