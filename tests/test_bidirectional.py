@@ -162,8 +162,13 @@ def both_ways(tmp_path_factory):
     return folder, runs
 
 
-def test_a_right_to_left_run_decodes_in_reading_order(both_ways):
+def test_a_right_to_left_run_decodes_in_reading_order(both_ways, capsys):
     _, runs = both_ways
+    for run_dir, orders in ((runs[0], {}), (runs[2], {"source_order": "right to left",
+                                                       "target_order": "right to left"})):
+        assert main(["info", str(run_dir)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert {k: v for k, v in info.items() if k.endswith("_order")} == orders
     run = load_run(runs[1])
     assert run.target.reverse and run.config.data.target_tokenizer.reverse
     words = ["a b c", "h g f e"]

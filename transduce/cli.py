@@ -242,6 +242,9 @@ def _info(args) -> int:
         "best_checkpoint": str(run.checkpoint),
         "training": {k: last.get(k) for k in ("step", "epoch", "elapsed_s", "tokens", "best", "best_step")},
     }
+    for side in ("source", "target"):  # ids that run last symbol first (data.*_tokenizer.reverse)
+        if getattr(run, side).reverse:
+            info[f"{side}_order"] = "right to left"
     averaged = read_json(run.checkpoint / "state.json").get("averaged_from")
     if averaged:  # the weights `translate` uses are a mean (transduce average, train.average_last)
         info["averaged_from"] = averaged
