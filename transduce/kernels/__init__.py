@@ -129,14 +129,15 @@ def int8_tiles() -> bool:
 _NO_MASK = torch.empty(0, dtype=torch.bool)
 
 
-def _key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+def _key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 dtypes: tuple = (torch.float32,)) -> torch.Tensor | None:
     """The kernels' (M, Tk) mask (empty for none) if they apply to these tensors, else None.
 
-    They take float32 CPU tensors whose innermost dim is contiguous, and a
-    key-padding mask: bool (M, 1, 1, Tk), True = attend; and they must have
-    been built.
+    They take CPU tensors of one of `dtypes` (all three the same) whose
+    innermost dim is contiguous, and a key-padding mask: bool (M, 1, 1, Tk),
+    True = attend; and they must have been built.
     """
-    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32):
+    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype and q.dtype in dtypes):
         return None
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
@@ -202,21 +203,26 @@ def attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     q (B, H, Tq, dh), k, v (B, H, Tk, dh), innermost dim contiguous (the
     split heads of a projection); mask None or bool, True = attend: (B, 1,
     1, Tk) for padded keys or (B, 1, Tq, Tk) per query (the single-stack
-    families' masks). float32 CPU tensors only, no dropout (the caller
-    checks). The result is a view of heads merged in memory, so merging them
-    again costs no copy; so are the gradients of q, k and v. Rows of more
-    than `max_keys` keys are left to PyTorch (None: any length).
+    families' masks). CPU tensors, all float32 or all bfloat16, no dropout
+    (the caller checks). The result is a view of heads merged in memory, so
+    merging them again costs no copy; so are the gradients of q, k and v.
+    Rows of more than `max_keys` keys are left to PyTorch (None: any length).
+
+    bfloat16 in (bf16 autocast's projections) gives bfloat16 out and
+    bfloat16 gradients, the arithmetic in float32 inside the kernel: no
+    casts on either side (they were 5% of a G2P training step), and the
+    same numbers as casting up, running in float32 and casting back, which
+    the output projection and the gradients' casts did before.
     """
     if k.shape[0] != q.shape[0] or k.shape[2] == 0 or (max_keys is not None and k.shape[2] > max_keys):
         return None
-    if q.dtype == k.dtype == v.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
-        # bf16 autocast: the kernel runs in float32 (PyTorch's flash kernel in bf16 took 4x its time
-        # at G2P lengths); the casts are small next to either, and the output projection casts back.
-        q, k, v = q.float(), k.float(), v.float()
+    half = (torch.bfloat16, torch.float32)
+    if not (q.dtype == k.dtype == v.dtype) and {q.dtype, k.dtype, v.dtype} <= set(half):
+        q, k, v = q.float(), k.float(), v.float()  # mixed: all in float32
     per_query = (mask is not None and mask.dtype == torch.bool and mask.dim() == 4
                  and mask.shape[:2] == (k.shape[0], 1) and mask.shape[2:] == (q.shape[2], k.shape[2])
                  and q.shape[2] > 1)
-    m = _key_padding(q, k, v, None if per_query else mask)
+    m = _key_padding(q, k, v, None if per_query else mask, half)
     if m is None:
         return None
     if per_query:

@@ -200,21 +200,8 @@ at::Tensor attend_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // of hypothesis n then lies in cache row rows[n, j] (its ancestor at step j), so selecting beams
 // reorders this small table instead of copying the whole cache; the kernel sets rows[n, t] = n.
 // Cache elements: float32, or bfloat16 held as its upper 16 bits (int8 copies' caches: half the
-// bytes to read per step, where a beam's step reads every hypothesis's keys and values). Plain
-// shifts and adds, so the loops below vectorise as they do for float.
-inline float load(const float* p) { return *p; }
-inline void store(float* p, float v) { *p = v; }
-inline float load(const uint16_t* p) {
-  const uint32_t u = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store(uint16_t* p, float v) {  // round to nearest, ties to even (as PyTorch's cast)
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+// bytes to read per step, where a beam's step reads every hypothesis's keys and values); rows.h's
+// load and store read and write either.
 
 template <int DH, typename T>
 void self_step_run(const float* src, int64_t src_row, const float* bias, T* kp, T* vp, const int64_t* cs,

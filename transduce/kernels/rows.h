@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace transduce_kernels {
 
@@ -17,14 +18,41 @@ constexpr float kMasked = -1e30f;
 constexpr int64_t kLanes = 8;
 inline int64_t padded(int64_t t) { return (t + kLanes - 1) / kLanes * kLanes; }
 
+// Elements in memory: float32, or bfloat16 held as its upper 16 bits (uint16_t). Plain shifts and
+// adds, so loops over them vectorise as they do for float.
+inline float load(const float* p) { return *p; }
+inline void store(float* p, float v) { *p = v; }
+inline float load(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(uint16_t* p, float v) {  // round to nearest, ties to even (as PyTorch's cast)
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 // dst (dh, tp) = src (t_len, dh), rows `step` apart; columns t_len.. are left as they are (zero)
-template <int DH>
-inline void transpose(const float* src, int64_t step, int64_t t_len, int64_t dh_runtime, int64_t tp,
+template <int DH, typename E>
+inline void transpose(const E* src, int64_t step, int64_t t_len, int64_t dh_runtime, int64_t tp,
                       float* __restrict__ dst) {
   const int64_t dh = DH > 0 ? DH : dh_runtime;
   for (int64_t t = 0; t < t_len; ++t) {
-    const float* __restrict__ row = src + t * step;
-    for (int64_t d = 0; d < dh; ++d) dst[d * tp + t] = row[d];
+    const E* __restrict__ row = src + t * step;
+    for (int64_t d = 0; d < dh; ++d) dst[d * tp + t] = load(row + d);
+  }
+}
+
+// dst (t_len, dh) contiguous = src rows `step` apart, as float
+template <int DH, typename E>
+inline void rows_to_float(const E* src, int64_t step, int64_t t_len, int64_t dh_runtime, float* __restrict__ dst) {
+  const int64_t dh = DH > 0 ? DH : dh_runtime;
+  for (int64_t t = 0; t < t_len; ++t) {
+    const E* __restrict__ row = src + t * step;
+#pragma omp simd
+    for (int64_t d = 0; d < dh; ++d) dst[t * dh + d] = load(row + d);
   }
 }
 
