@@ -1,9 +1,10 @@
-"""The fused CPU attention kernel (transduce/kernels) against PyTorch's attention."""
+"""The CPU kernels (transduce/kernels) against PyTorch: attention, norms, dropout, int8 linear layers."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from transduce import kernels
 from transduce.models.layers import Attention
@@ -678,3 +679,151 @@ def test_dropout_without_kernels_or_on_other_dtypes_keeps_the_byte_mask(monkeypa
     out = drop(torch.ones(64, 64))
     assert set(out.unique().tolist()) == {0.0, 2.0} and 0.4 < (out == 0).float().mean() < 0.6
     assert torch.equal(drop.eval()(torch.ones(3)), torch.ones(3))
+
+
+def norm_train_case(n, d, ydtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).requires_grad_()
+    y = torch.randn(n, d, generator=g).to(ydtype).requires_grad_()
+    norm = nn.LayerNorm(d)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(d, generator=g))
+        norm.bias.copy_(0.5 * torch.randn(d, generator=g))
+    return x, y, norm
+
+
+@pytest.mark.parametrize("n,d", [(37, 50), (40, 192)])
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [0, 26])
+@pytest.mark.parametrize("half", [False, True])
+def test_add_norm_train_is_dropout_add_and_layer_norm(n, d, ydtype, threshold, half):
+    # LayerNorm(x + dropout(y)) in one pass each way, against the dropout kernel (the same mask for
+    # the same seed), PyTorch's add and layer_norm, and autocast's cast for the bf16 copy
+    x, y, norm = norm_train_case(n, d, ydtype)
+    seed, scale = 1234567, 256.0 / (256 - threshold)
+    g = torch.Generator().manual_seed(9)
+    w32, w16 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    params = [x, y, norm.weight, norm.bias]
+
+    out, out16 = kernels._AddNormTrain.apply(x, y, norm.weight, norm.bias, norm.eps, seed, threshold, scale, half)
+    loss = (out * w32).sum() + ((out16.float() * w16).sum() if half else 0)
+    grads = torch.autograd.grad(loss, params)
+
+    dropped = kernels._Dropout.apply(y, seed, threshold, scale) if threshold else y
+    ref = F.layer_norm(x + dropped, (d,), norm.weight, norm.bias, norm.eps)
+    ref16 = ref.bfloat16()
+    ref_loss = (ref * w32).sum() + ((ref16.float() * w16).sum() if half else 0)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+
+    assert out.dtype == torch.float32 and out.shape == (n, d)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if half:
+        assert out16.dtype == torch.bfloat16
+        torch.testing.assert_close(out16, ref16, rtol=8e-3, atol=1e-5)  # the same value, rounded
+        assert (out16 == ref16).float().mean() > 0.99
+    else:
+        assert out16.numel() == 0
+    for a, b, name in zip(grads, ref_grads, ("x", "y", "weight", "bias")):
+        assert a.dtype == b.dtype, name
+        tol = dict(rtol=2e-2, atol=2e-2) if a.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    if threshold:  # the dropped elements of y get no gradient
+        assert torch.equal(grads[1] == 0, dropped == 0)
+
+
+def test_add_norm_train_gradients_do_not_depend_on_threads():
+    x, y, norm = norm_train_case(300, 64, torch.bfloat16)
+    results = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out, out16 = kernels._AddNormTrain.apply(x, y, norm.weight, norm.bias, 1e-5, 5, 26, 256 / 230, True)
+            results.append(torch.autograd.grad(out.sum() + out16.float().square().sum(),
+                                               [x, y, norm.weight, norm.bias]))
+        finally:
+            torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_add_norm_train_declines_what_it_does_not_do():
+    norm = nn.LayerNorm(8)
+    x = torch.randn(3, 8)
+    assert kernels.add_norm_train(x.double(), x.double(), norm, 0) is None
+    assert kernels.add_norm_train(x, x[:, :4], norm, 0) is None
+    assert kernels.add_norm_train(x.bfloat16(), x, norm, 0) is None  # the residual stream stays float32
+    assert kernels.add_norm_train(x, x, nn.LayerNorm(8, elementwise_affine=False), 0) is None
+    with pytest.raises(RuntimeError, match="threshold"):
+        kernels.ops().add_norm_train(x, x, norm.weight, norm.bias, 1e-5, 0, 256, 1.0, False)
+
+
+def test_post_norm_residuals_hand_the_next_projection_bf16_under_autocast(monkeypatch):
+    # two post-norm Residuals around linear sublayers: under bf16 autocast the second one's
+    # projection takes the first one's bf16 copy (no cast), and training matches PyTorch's path
+    from transduce.models.layers import Residual, bf16_twin
+
+    torch.manual_seed(0)
+    r1, r2 = Residual(48, 0.0, False).train(), Residual(48, 0.0, False).train()
+    f1, f2 = nn.Linear(48, 48), nn.Linear(48, 48)
+    seen = []
+
+    def sub2(h):
+        seen.append(h.dtype)
+        return f2(h)
+
+    x = torch.randn(4, 7, 48, requires_grad=True)
+    params = [x, *r1.parameters(), *r2.parameters(), *f1.parameters(), *f2.parameters()]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = r1(x, f1)
+            out = r2(h, sub2)
+        return out, torch.autograd.grad(out.float().square().sum(), params)
+
+    fast, fast_grads = run()
+    assert seen == [torch.bfloat16] and fast.dtype == torch.float32
+    assert bf16_twin(fast) is fast  # outside autocast: x itself
+    monkeypatch.setattr(kernels, "add_norm_train", lambda *a: None)
+    slow, slow_grads = run()
+    assert seen[1] == torch.float32  # autocast casts it inside the projection
+    torch.testing.assert_close(fast, slow, rtol=1e-2, atol=1e-2)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_post_norm_transformer_trains_on_the_norm_kernel_as_on_pytorch(monkeypatch, dropout, bf16):
+    # a training step of a post-norm Transformer: the same loss and gradients with the norm kernel
+    # as with PyTorch's add and layer_norm (the dropout kernel's masks are the same for the same
+    # generator state: the seeds are drawn in the same order)
+    from conftest import make_model, random_batch
+
+    from transduce.models.layers import Dropout
+
+    model = make_model("transformer-postnorm-learned").train()
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p, m.threshold = dropout, round(dropout * 256)
+    batch = random_batch(6, seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=0)
+        return loss, torch.autograd.grad(loss, params)
+
+    calls = []
+    real = kernels.add_norm_train
+    monkeypatch.setattr(kernels, "add_norm_train", lambda *a: calls.append(1) or real(*a))
+    fast, fast_grads = step()
+    assert len(calls) == 2 * 2 + 2 * 3  # every residual of the 2 + 2 layers
+    monkeypatch.setattr(kernels, "add_norm_train", lambda *a: None)
+    slow, slow_grads = step()
+    tol = dict(rtol=3e-2, atol=3e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast, slow, **tol)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, **tol)

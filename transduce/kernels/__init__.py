@@ -21,11 +21,15 @@ PyTorch's flash kernel spends most of its time setting up blocks
 are needed and there is no attention dropout). `dropout.cpp` is inverted
 dropout in one pass whose mask is a hash of a seed and the element's index,
 so the backward pass recomputes it instead of storing it (`dropout`).
+`norm_train.cpp` is a post-norm layer's residual, dropout and LayerNorm
+with gradients, its result in float32 and, under bf16 autocast, in bf16 for
+the next projections (`add_norm_train`, used by models/layers.py's
+`Residual`).
 `search.cpp` does a decoding step's bookkeeping in one call (`greedy_pick`,
 `beam_advance`, used by search.py): with decoding workers on threads, each
 small op of a step waited for the interpreter lock behind the others.
 
-The kernels are built with PyTorch's C++ extension builder (g++ and ninja, ~15 s on 2 cores) into
+The kernels are built with PyTorch's C++ extension builder (g++ and ninja, ~25 s on 2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
 naming the sources, the PyTorch version and the CPU. `make install` builds them
 (`python -m transduce.kernels`); without a compiler, or with
@@ -44,8 +48,9 @@ import torch
 log = logging.getLogger("transduce")
 
 SOURCES = [Path(__file__).with_name(f)
-           for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "linear.cpp", "dropout.cpp", "search.cpp")]
-HEADERS = [Path(__file__).with_name("rows.h")]  # included by the sources: part of the build's key
+           for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "norm_train.cpp", "linear.cpp", "dropout.cpp",
+                     "search.cpp")]
+HEADERS = [Path(__file__).with_name(f) for f in ("rows.h", "dropout_mask.h")]  # included by the sources: part of the build's key
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
@@ -94,7 +99,7 @@ def build(verbose: bool = False) -> Path:
     from torch.utils.cpp_extension import load
 
     out.mkdir(parents=True, exist_ok=True)
-    log.info("compiling transduce's CPU kernels into %s (once per machine, ~15 s)", out)
+    log.info("compiling transduce's CPU kernels into %s (once per machine, ~25 s)", out)
     t = time.perf_counter()
     load(NAME, [str(f) for f in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
          is_python_module=False, verbose=verbose)
@@ -253,3 +258,56 @@ def dropout(x: torch.Tensor, threshold: int) -> torch.Tensor | None:
         return None
     seed = int(torch.empty((), dtype=torch.int64).random_())
     return _Dropout.apply(x, seed, threshold, 256.0 / (256 - threshold))
+
+
+class _AddNormTrain(torch.autograd.Function):
+    """norm_train.cpp: LayerNorm(x + dropout(y)) as float32 and (half) bfloat16; the backward pass takes
+    the gradients of both, recomputing the sum and the mask from x, y and the seed."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, bias, eps, seed, threshold, scale, half):
+        out, out16, mean, rstd = ops().add_norm_train(x, y, weight, bias, eps, seed, threshold, scale, half)
+        ctx.save_for_backward(x, y, weight, mean, rstd)
+        ctx.args = (seed, threshold, scale)
+        ctx.set_materialize_grads(False)
+        if not half:
+            ctx.mark_non_differentiable(out16)
+        return out, out16
+
+    @staticmethod
+    def backward(ctx, g, g16):
+        x, y, weight, mean, rstd = ctx.saved_tensors
+        g = _NO_GRAD if g is None else g.contiguous()
+        g16 = _NO_GRAD16 if g16 is None else g16.contiguous()
+        dx, dy, dw, db = ops().add_norm_train_backward(g, g16, x, y, weight, mean, rstd, *ctx.args)
+        return dx, dy, dw, db, None, None, None, None, None
+
+
+_NO_GRAD = torch.empty(0)
+_NO_GRAD16 = torch.empty(0, dtype=torch.bfloat16)
+
+
+def add_norm_train(x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm,
+                   threshold: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A post-norm residual for training: (LayerNorm(x + dropout(y)), its bf16 rounding or None), or None
+    where the kernel does not apply.
+
+    x (..., D) float32 (the residual stream), y of x's shape, float32 or
+    bfloat16 (a sublayer's output; bf16 under bf16 autocast). Dropout drops
+    the elements of y whose random byte is below `threshold` (0: none) with
+    `dropout`'s mask, the seed drawn from torch's generator as there. Under
+    bf16 autocast the result comes in bf16 too, for the projections that read
+    it next: given it, they skip autocast's cast, and their gradients come
+    back to the kernel in bf16 (models/layers.py's `bf16_twin`).
+    """
+    w, b = norm.weight, norm.bias
+    if (ops() is None or x.device.type != "cpu" or x.dtype != torch.float32 or y.shape != x.shape
+            or y.dtype not in (torch.float32, torch.bfloat16) or w is None or b is None
+            or w.dtype != torch.float32 or b.dtype != torch.float32 or w.shape != x.shape[-1:]):
+        return None
+    half = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    seed = int(torch.empty((), dtype=torch.int64).random_()) if threshold else 0
+    d = x.shape[-1]
+    out, out16 = _AddNormTrain.apply(x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous(), w, b, norm.eps,
+                                     seed, threshold, 256.0 / (256 - threshold), half)
+    return out.view(x.shape), (out16.view(x.shape) if half else None)

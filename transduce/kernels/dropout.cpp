@@ -1,4 +1,4 @@
-// Inverted dropout in one pass, its mask a function of (seed, element index): the forward pass
+// Inverted dropout in one pass, its mask a function of (seed, element index) (dropout_mask.h): the forward pass
 // and the backward pass call the same op with the same seed, so the mask is never stored.
 //
 // PyTorch's dropout (and models/layers.py's byte-mask version) draws random numbers from a
@@ -20,14 +20,11 @@
 
 #include <cstdint>
 
+#include "dropout_mask.h"
+
 namespace {
 
-inline uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+using transduce_kernels::splitmix64;
 
 // Blocks of 64 words (512 elements): the words' splitmix64 in one loop, then the elements against
 // their bytes in another, both straight-line loops that the compiler vectorises. Byte k of word w

@@ -210,7 +210,23 @@ class Residual(nn.Module):
     def forward(self, x, f):
         if self.pre_norm:
             return x + self.dropout(f(self.norm(x)))
-        return self.norm(x + self.dropout(f(x)))
+        y = f(bf16_twin(x))
+        if torch.is_grad_enabled():  # training: the residual, dropout and norm in one kernel call each way
+            r = kernels.add_norm_train(x, y, self.norm, self.dropout.threshold if self.training else 0)
+            if r is not None:
+                out, out16 = r
+                if out16 is not None:
+                    out.bf16_twin = out16
+                return out
+        return self.norm(x + self.dropout(y))
+
+
+def bf16_twin(x: torch.Tensor) -> torch.Tensor:
+    """x's bf16 rounding where a post-norm `Residual` made one with x (under bf16 autocast, on the
+    kernels) and autocast is still on, else x. A projection given it skips autocast's cast of x, and
+    its gradient goes back to the kernel in bf16, which adds it to x's (kernels.add_norm_train)."""
+    twin = getattr(x, "bf16_twin", None)
+    return twin if twin is not None and torch.is_autocast_enabled("cpu") else x
 
 
 def init_weights(module: nn.Module) -> None:

@@ -10,7 +10,8 @@ from torch import nn
 
 from transduce import kernels
 from transduce.models.base import EncoderDecoderModel, EncoderOutput
-from transduce.models.layers import Attention, Embedding, FeedForward, Residual, init_weights, reorder_cache
+from transduce.models.layers import (Attention, Embedding, FeedForward, Residual, bf16_twin, init_weights,
+                                     reorder_cache)
 from transduce.models.quantize import Int8Linear
 
 
@@ -306,10 +307,11 @@ class Transformer(EncoderStack):
         memory = self.encode(batch.src, batch.src_mask)
         mask = memory.mask[:, None, None, :]
         x = self.tgt_embed(batch.tgt_in)  # (B, T, D)
+        states = bf16_twin(memory.states)  # a post-norm stack's last Residual's bf16 copy under autocast
         for layer in self.decoder:
-            k, v = layer.cross_attn.project_kv(memory.states)
+            k, v = layer.cross_attn.project_kv(states)
             x = layer(x, k, v, mask)
-        return self.output(self.dec_norm(x))  # (B, T, V)
+        return self.output(bf16_twin(self.dec_norm(x)))  # (B, T, V)
 
     # -- search interface ---------------------------------------------------
     def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor:
