@@ -18,7 +18,11 @@
 #include <cmath>
 #include <tuple>
 
+#include "rows.h"
+
 namespace {
+
+using transduce_kernels::normalize_row;
 
 std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const at::Tensor& y, const at::Tensor& y_bias,
                                             const at::Tensor& weight, const at::Tensor& bias, double eps,
@@ -68,15 +72,7 @@ std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const at::Tenso
         }
       }
       mean *= inv_d;
-      float var = 0.f;
-#pragma omp simd reduction(+ : var)
-      for (int64_t i = 0; i < d; ++i) {
-        const float c = s[i] - mean;
-        var += c * c;
-      }
-      const float rstd = 1.f / std::sqrt(var * inv_d + e);
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] = (s[i] - mean) * rstd * wp[i] + bp[i];
+      normalize_row(s, d, mean, e, wp, bp, o);
     }
   });
   return {out, sum};

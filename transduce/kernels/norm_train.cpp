@@ -79,16 +79,8 @@ void forward_rows(const float* xp, const Y* yp, const float* wp, const float* bp
 #pragma omp simd reduction(+ : mean)
       for (int64_t i = 0; i < d; ++i) mean += s[i];
       mean *= inv_d;
-      float var = 0.f;
-#pragma omp simd reduction(+ : var)
-      for (int64_t i = 0; i < d; ++i) {
-        const float c = s[i] - mean;
-        var += c * c;
-      }
-      const float rstd = 1.f / std::sqrt(var * inv_d + eps);
       float* __restrict__ o = op + r * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] = (s[i] - mean) * rstd * wp[i] + bp[i];
+      const float rstd = normalize_row(s, d, mean, eps, wp, bp, o);
       if (hp != nullptr) {
         uint16_t* __restrict__ h = hp + r * d;
 #pragma omp simd

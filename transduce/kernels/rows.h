@@ -1,7 +1,9 @@
-// Helpers shared by the attention kernels (attention.cpp, attention_train.cpp): keys laid out
-// transposed in whole vectors, and one row's products with all of them.
+// Helpers shared by the kernels: bf16 loads and stores, keys laid out transposed in whole vectors
+// and one row's products with all of them (attention.cpp, attention_train.cpp), a row's LayerNorm
+// (norm.cpp, norm_train.cpp).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -118,6 +120,22 @@ inline float exp_shifted(float* __restrict__ s, int64_t tp, float top) {
     sum += s[t];
   }
   return sum;
+}
+
+// o[0, d) = LayerNorm(s) = (s - mean) / std * w + b, `mean` being s's; returns 1 / std. o may be s
+// (normalised in place).
+inline float normalize_row(const float* s, int64_t d, float mean, float eps, const float* __restrict__ w,
+                           const float* __restrict__ b, float* o) {
+  float var = 0.f;
+#pragma omp simd reduction(+ : var)
+  for (int64_t i = 0; i < d; ++i) {
+    const float c = s[i] - mean;
+    var += c * c;
+  }
+  const float rstd = 1.f / std::sqrt(var / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) o[i] = (s[i] - mean) * rstd * w[i] + b[i];
+  return rstd;
 }
 
 }  // namespace transduce_kernels
