@@ -827,3 +827,87 @@ def test_post_norm_transformer_trains_on_the_norm_kernel_as_on_pytorch(monkeypat
     torch.testing.assert_close(fast, slow, **tol)
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_gelu_training_kernel_is_gelu_and_its_gradient():
+    # float32: GELU's erf form and its derivative to within a few float32 steps (erf by A&S 7.1.26,
+    # absolute error 1.5e-7), against x Phi(x) in float64 by erfc (no cancellation in the tail)
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, -30.0, 30.0])])
+    x64 = x.double().requires_grad_()
+    ref = 0.5 * x64 * torch.special.erfc(-x64 / 2 ** 0.5)
+    (ref_grad,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
+    leaf = x.clone().requires_grad_()
+    y = kernels.gelu(leaf)
+    assert y is not None and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=0, atol=5e-7)
+    assert torch.equal(y[x >= 9], x[x >= 9]) and (y[x <= -9].abs() < 2e-18).all()  # Phi rounds to 1; ~0
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(y, leaf, w)
+    torch.testing.assert_close(grad.double(), ref_grad * w.double(), rtol=0, atol=5e-7 * w.abs().max().item())
+
+
+def test_gelu_training_kernel_in_bf16_is_pytorchs_bf16_gelu():
+    # bf16 in, bf16 out: PyTorch's bf16 GELU (float32 inside, rounded once) wherever that is exact, and
+    # closer to the exact values below x = -3, where PyTorch's 1 + erf(x / sqrt 2) cancels; the
+    # gradient rounded twice (the stored derivative, then the product)
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(777, 129, generator=g)).bfloat16()
+    leaf = x.clone().requires_grad_()
+    y = kernels.gelu(leaf)
+    ref_leaf = x.clone().requires_grad_()
+    ref = F.gelu(ref_leaf)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert torch.equal(y[x > -3], ref[x > -3])
+    x64 = x.double()
+    exact = (0.5 * x64 * torch.special.erfc(-x64 / 2 ** 0.5)).bfloat16()
+    assert (y == exact).float().mean() > (ref == exact).float().mean() + 0.02
+    w = torch.randn(x.shape, generator=g).bfloat16()
+    (grad,) = torch.autograd.grad(y, leaf, w)
+    (ref_grad,) = torch.autograd.grad(ref, ref_leaf, w)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1.6e-2, atol=1e-5)
+
+
+def test_gelu_training_kernel_declines_what_it_does_not_do(monkeypatch):
+    assert kernels.gelu(torch.ones(4, dtype=torch.float64)) is None
+    monkeypatch.setitem(kernels._state, "ops", None)
+    assert kernels.gelu(torch.ones(4)) is None
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gelu_feed_forward_trains_on_the_kernel_as_on_pytorch(monkeypatch, bf16):
+    # a training step of a GELU Transformer: the same loss and gradients with the GELU kernel as with
+    # PyTorch's GELU; without gradients (decoding, evaluation) the kernel is not called
+    from conftest import make_model, random_batch
+
+    from transduce.models.layers import FeedForward
+
+    model = make_model("transformer-postnorm-learned").train()
+    ffs = [m for m in model.modules() if isinstance(m, FeedForward)]
+    for m in ffs:
+        m.gelu = True
+    batch = random_batch(6, seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=0)
+        return loss, torch.autograd.grad(loss, params)
+
+    calls = []
+    real = kernels.gelu
+    monkeypatch.setattr(kernels, "gelu", lambda x: calls.append(1) or real(x))
+    fast, fast_grads = step()
+    assert len(calls) == len(ffs) and len(ffs) == 4
+    with torch.no_grad():
+        model(batch)
+    assert len(calls) == len(ffs)
+    monkeypatch.setattr(kernels, "gelu", lambda x: None)
+    for m in ffs:
+        m.act = nn.GELU()
+    slow, slow_grads = step()
+    tol = dict(rtol=3e-2, atol=3e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast, slow, **tol)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, **tol)

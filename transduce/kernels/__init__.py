@@ -21,6 +21,9 @@ PyTorch's flash kernel spends most of its time setting up blocks
 are needed and there is no attention dropout). `dropout.cpp` is inverted
 dropout in one pass whose mask is a hash of a seed and the element's index,
 so the backward pass recomputes it instead of storing it (`dropout`).
+`gelu_train.cpp` is GELU for training whose forward pass writes the
+derivative beside the output, so the backward pass is a product (`gelu`,
+used by models/layers.py's `FeedForward`).
 `norm_train.cpp` is a post-norm layer's residual, dropout and LayerNorm
 with gradients, its result in float32 and, under bf16 autocast, in bf16 for
 the next projections (`add_norm_train`, used by models/layers.py's
@@ -49,7 +52,7 @@ log = logging.getLogger("transduce")
 
 SOURCES = [Path(__file__).with_name(f)
            for f in ("attention.cpp", "attention_train.cpp", "norm.cpp", "norm_train.cpp", "linear.cpp", "dropout.cpp",
-                     "search.cpp")]
+                     "gelu_train.cpp", "search.cpp")]
 HEADERS = [Path(__file__).with_name(f) for f in ("rows.h", "dropout_mask.h")]  # included by the sources: part of the build's key
 NAME = "transduce_kernels"
 # -ffast-math vectorises exp (glibc libmvec); the kernel keeps every value finite for it.
@@ -258,6 +261,34 @@ def dropout(x: torch.Tensor, threshold: int) -> torch.Tensor | None:
         return None
     seed = int(torch.empty((), dtype=torch.int64).random_())
     return _Dropout.apply(x, seed, threshold, 256.0 / (256 - threshold))
+
+
+class _Gelu(torch.autograd.Function):
+    """gelu_train.cpp: the derivative, written by the forward pass, is all the backward pass reads."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y, d = ops().gelu_train(x)
+        ctx.save_for_backward(d)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return grad * d
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor | None:
+    """GELU (the erf form) for a pass that needs gradients: x Phi(x), its backward pass a product with the
+    derivative that the forward pass wrote (instead of erf and exp evaluated again from the input); None
+    where the kernel does not apply (not a float32 or bfloat16 CPU tensor, or no kernels). float32:
+    within 5e-7 of the exact values; bf16: PyTorch's bf16 GELU above x = -3, closer to the exact
+    values below (PyTorch's 1 + erf cancels there). Under bf16 the gradient is rounded twice (the
+    derivative, then the product) where PyTorch's rounds once. A training step of the G2P
+    models: 1.03-1.05x on 2 threads (docs/benchmarks.md)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or ops() is None:
+        return None
+    return _Gelu.apply(x)
 
 
 class _AddNormTrain(torch.autograd.Function):
