@@ -96,3 +96,26 @@ def test_huge_learning_rate_stops_with_advice(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "4 consecutive updates had a non-finite loss or gradient" in err and "lower train.lr" in err
     assert sum(1 for r in records(tmp_path / "run") if r.get("skipped")) == 4
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 3.0, 100.0])
+def test_clip_gradients_is_clip_grad_norm(max_norm):
+    # the same norm and the same gradients as torch's clip_grad_norm_, which always multiplies; here
+    # the gradients are scaled only when their norm is over max_norm (0: never)
+    from transduce.training.trainer import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(7, 5), (5,), (3, 4)]]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    a.append(torch.nn.Parameter(torch.ones(2)))  # no gradient: left out of the norm, as torch does
+    before = [p.grad.clone() for p in b]
+    norm = clip_gradients(a, max_norm)
+    ref = float(torch.nn.utils.clip_grad_norm_(b, max_norm or float("inf")))
+    assert norm == pytest.approx(ref, rel=1e-6) and 2.0 < norm < 20.0
+    for p, q, g0 in zip(a, b, before):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+        assert torch.equal(p.grad, g0) == (not max_norm or norm <= max_norm)
+    assert clip_gradients([torch.nn.Parameter(torch.ones(1))], 1.0) == 0.0

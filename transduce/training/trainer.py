@@ -143,6 +143,22 @@ def check_resumable(cfg: Config, run_dir: Path, ckpt: Path, saved: dict) -> None
                                   "start a new run (new --out; train.init_from to fine-tune).")
 
 
+def clip_gradients(params, max_norm: float) -> float:
+    """The gradients' global L2 norm (before clipping), scaling them to `max_norm` where it is larger
+    (0: no clipping), as `clip_grad_norm_` does; but only then. `clip_grad_norm_` multiplies every
+    gradient by its coefficient clamped to 1 even when nothing is clipped (so as never to wait on
+    a GPU), a pass over all gradients that most updates do not need: past the first hundreds of
+    updates the G2P recipes' norms stay well under their 1.0 (~0.5 ms of a 30 ms update)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = float(total)
+    if max_norm and norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return norm
+
+
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embeddings' padding rows (1-D tensors)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -461,7 +477,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
                     loss = sequence_loss(logits, b.labels, tc.label_smoothing) * ctx.world / n_tokens
                     loss.backward()
                 loss_sum += float(loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf")))
+            grad_norm = clip_gradients(model.parameters(), tc.clip_norm)
             loss_sum, any_late = ctx.all_sum([loss_sum / ctx.world, float(late_here())])
             late = any_late > 0
             state["position"] = start + per_update
