@@ -911,3 +911,48 @@ def test_gelu_feed_forward_trains_on_the_kernel_as_on_pytorch(monkeypatch, bf16)
     torch.testing.assert_close(fast, slow, **tol)
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projection_gradient_comes_whole_from_the_kernel(monkeypatch, cross, dtype):
+    # the split heads of one fused projection (q, k, v; or a cross-attention's k, v): the kernel's
+    # backward writes their gradients side by side, and the split hands that buffer on without
+    # concatenating; the same gradients as the split by chunk (whose backward concatenates). A
+    # projection whose heads are used twice gets summed gradients and takes the concatenation.
+    from transduce.models.layers import split_heads
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 0.0, cross=cross).train()
+    x = torch.randn(3, 6, 32).to(dtype).requires_grad_()
+    mem = torch.randn(3, 5, 32).to(dtype).requires_grad_()
+    attn.to(dtype)
+
+    def run(split, twice=False):
+        if cross:
+            proj = attn.kv(mem)
+            k, v = split(proj, 2)
+            q = attn.split(attn.q(x))
+        else:
+            proj = attn.qkv(x)
+            q, k, v = split(proj, 3)
+        o = attn.attend(q, k, v)
+        if twice:
+            o = o + attn.attend(q, k, v)
+        (grad,) = torch.autograd.grad(o.float().square().sum(), [proj])
+        return grad
+
+    def chunked(p, n):
+        b, t, _ = p.shape
+        return tuple(c.view(b, t, 4, -1).transpose(1, 2) for c in p.chunk(n, dim=-1))
+
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
+    whole = run(lambda p, n: split_heads(p, n, 4))
+    assert not cats and whole.is_contiguous() and whole.dtype == dtype
+    ref = run(chunked)
+    torch.testing.assert_close(whole, ref, rtol=0, atol=0)
+    summed = run(lambda p, n: split_heads(p, n, 4), twice=True)
+    assert cats
+    torch.testing.assert_close(summed, run(chunked, twice=True), rtol=0, atol=0)

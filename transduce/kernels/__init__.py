@@ -178,7 +178,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class _TrainAttention(torch.autograd.Function):
-    """attention_train.cpp's forward (keeping the probabilities) and backward."""
+    """attention_train.cpp's forward (keeping the probabilities) and backward. Where q, k and v are the
+    split heads of one fused projection (or k and v are), the backward pass writes their gradients
+    side by side in one buffer of the projection's shape, which `models.layers.split_heads` hands
+    on whole: no concatenation (one per layer, ~1% of a training step)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale):
@@ -191,11 +194,34 @@ class _TrainAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, probs = ctx.saved_tensors
         b, h, tq, dh = q.shape
+        tk, d = k.shape[2], h * dh
         if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum
             grad = grad.contiguous()
         g = grad.unflatten(-1, (h, dh)).transpose(1, 2)  # (B, H, Tq, dh)
-        dq, dk, dv = ops().attention_train_backward(g, q, k, v, probs, ctx.scale)
+        parts = fused_parts(q, k, v)
+        if parts == 3:  # (B, T, 3D): dq, dk, dv in its column blocks
+            buf = q.new_empty(b, tq, 3 * d)
+            dq, dk, dv = (buf[..., i * d:(i + 1) * d].unflatten(-1, (h, dh)) for i in range(3))
+        else:
+            dq = q.new_empty(b, tq, h, dh)
+            kv = q.new_empty(b, tk, 2 * d) if parts == 2 else None
+            dk, dv = ((kv[..., i * d:(i + 1) * d].unflatten(-1, (h, dh)) for i in range(2)) if kv is not None
+                      else (q.new_empty(b, tk, h, dh), q.new_empty(b, tk, h, dh)))
+        ops().attention_train_backward_into(g, q, k, v, probs, ctx.scale, dq, dk, dv)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
+def fused_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """3 if q, k, v (B, H, T, dh) are the split heads of one (B, T, 3 * H * dh) tensor, in that order;
+    2 if k and v are those of one (B, Tk, 2 * H * dh); else 0."""
+    def follows(a, b, n):  # b's columns right after a's, both column blocks of a (B, T, n * d) tensor
+        b_, h, t, dh = a.shape
+        return (a.shape == b.shape and a.stride() == b.stride() == (t * n * h * dh, dh, n * h * dh, 1)
+                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and b.storage_offset() - a.storage_offset() == h * dh)
+    if follows(q, k, 3) and follows(k, v, 3):
+        return 3
+    return 2 if follows(k, v, 2) else 0
 
 
 # Keys per row up to which training attention runs on the kernel: up to 32 its sums stay in

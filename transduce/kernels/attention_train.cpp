@@ -17,6 +17,11 @@
 //   attention_train_backward(grad, q, k, v, probs, scale) -> (dq, dk, dv)
 //     grad (B, H, Tq, dh) of q's dtype, any strides, innermost contiguous; dq (B, Tq, H, dh), dk and dv
 //     (B, Tk, H, dh), contiguous: as (B, H, T, dh) views they are the split heads' gradients.
+//   attention_train_backward_into(grad, q, k, v, probs, scale, dq, dk, dv)
+//     the same, written into dq (B, Tq, H, dh) and dk, dv (B, Tk, H, dh) of q's dtype whose heads
+//     are contiguous (H * dh elements) and rows and positions any strides, dk's and dv's the same:
+//     the column blocks of one fused projection's gradient (models/layers.py's `split_heads`), so
+//     that no concatenation follows.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -49,7 +54,7 @@ const E* elements(const at::Tensor& t) {
   return static_cast<const E*>(t.const_data_ptr());
 }
 template <typename E>
-E* elements_mut(at::Tensor& t) {
+E* elements_mut(const at::Tensor& t) {
   return static_cast<E*>(t.mutable_data_ptr());
 }
 
@@ -131,9 +136,11 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 template <int DH, typename E>
 void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const float* pp, float scale, const Shape& z, E* dqp, E* dkp, E* dvp) {
+                  const float* pp, float scale, const Shape& z, E* dqp, E* dkp, E* dvp, int64_t qb, int64_t qr_,
+                  int64_t kb, int64_t kr_) {
+  // qb, qr_: dq's strides between rows and between positions; kb, kr_: dk's and dv's
   constexpr bool kFloat = std::is_same_v<E, float>;
-  const int64_t dh = DH > 0 ? DH : z.dh, tkp = padded(z.tk), tq = z.tq, tk = z.tk, hd = z.h * dh;
+  const int64_t dh = DH > 0 ? DH : z.dh, tkp = padded(z.tk), tq = z.tq, tk = z.tk;
   const E* gp = elements<E>(g);
   const E* qp = elements<E>(q);
   const E* kp = elements<E>(k);
@@ -159,9 +166,9 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
       float *dkr, *dvr;  // this task's rows of dk, dv: (Tk, dh) `ds` apart, written by no other task
       int64_t gs, qs, ks, ds;
       if constexpr (kFloat) {
-        gf = gr, qf = qr, kf = kr, gs = g2, qs = q2, ks = k2, ds = hd;
-        dkr = dkp + r * tk * hd + head * dh;
-        dvr = dvp + r * tk * hd + head * dh;
+        gf = gr, qf = qr, kf = kr, gs = g2, qs = q2, ks = k2, ds = kr_;
+        dkr = dkp + r * kb + head * dh;
+        dvr = dvp + r * kb + head * dh;
       } else {
         rows_to_float<DH>(gr, g2, tq, dh, gbuf.data());
         rows_to_float<DH>(qr, q2, tq, dh, qbuf.data());
@@ -177,7 +184,7 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
         const float* __restrict__ p = prob + i * tk;
         const float* __restrict__ gi = gf + i * gs;
         const float* __restrict__ qi = qf + i * qs;
-        E* __restrict__ dq_out = dqp + r * tq * hd + i * hd + head * dh;
+        E* __restrict__ dq_out = dqp + r * qb + i * qr_ + head * dh;
         float local[DH > 0 ? DH : 1];  // dq in registers where dh is known here
         float* __restrict__ dq = DH > 0 ? local : dq_buf.data();
         for (int64_t d = 0; d < dh; ++d) dq[d] = 0.f;
@@ -203,11 +210,11 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
         for (int64_t d = 0; d < dh; ++d) store(dq_out + d, dq[d]);
       }
       if constexpr (!kFloat) {
-        E* dk_out = dkp + r * tk * hd + head * dh;
-        E* dv_out = dvp + r * tk * hd + head * dh;
+        E* dk_out = dkp + r * kb + head * dh;
+        E* dv_out = dvp + r * kb + head * dh;
         for (int64_t t = 0; t < tk; ++t) {
-          for (int64_t d = 0; d < dh; ++d) store(dk_out + t * hd + d, dkr[t * dh + d]);
-          for (int64_t d = 0; d < dh; ++d) store(dv_out + t * hd + d, dvr[t * dh + d]);
+          for (int64_t d = 0; d < dh; ++d) store(dk_out + t * kr_ + d, dkr[t * dh + d]);
+          for (int64_t d = 0; d < dh; ++d) store(dv_out + t * kr_ + d, dvr[t * dh + d]);
         }
       }
     }
@@ -264,9 +271,9 @@ std::tuple<at::Tensor, at::Tensor> attention_train(const at::Tensor& q, const at
   return {out, probs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_train_backward(const at::Tensor& grad, const at::Tensor& q,
-                                                                        const at::Tensor& k, const at::Tensor& v,
-                                                                        const at::Tensor& probs, double scale) {
+void attention_train_backward_into(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& probs, double scale, const at::Tensor& dq,
+                                   const at::Tensor& dk, const at::Tensor& dv) {
   check_qkv("attention_train_backward", q, k, v);
   const Shape z{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   TORCH_CHECK(grad.scalar_type() == q.scalar_type() && grad.sizes() == q.sizes() && grad.stride(3) == 1,
@@ -274,26 +281,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_train_backward(const at
   TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.is_contiguous() &&
                   probs.sizes() == at::IntArrayRef({z.b, z.h, z.tq, z.tk}),
               "attention_train_backward: probs must be attention_train's (rows, heads, queries, keys)");
-  auto dq = at::empty({z.b, z.tq, z.h, z.dh}, q.options());
-  auto dk = at::empty({z.b, z.tk, z.h, z.dh}, q.options());
-  auto dv = at::empty({z.b, z.tk, z.h, z.dh}, q.options());
-  if (z.b * z.h == 0) return {dq, dk, dv};
+  auto heads_contiguous = [&](const at::Tensor& t, int64_t len) {
+    return t.scalar_type() == q.scalar_type() && t.dim() == 4 &&
+           t.sizes() == at::IntArrayRef({z.b, len, z.h, z.dh}) && t.stride(3) == 1 && t.stride(2) == z.dh;
+  };
+  TORCH_CHECK(heads_contiguous(dq, z.tq) && heads_contiguous(dk, z.tk) && heads_contiguous(dv, z.tk) &&
+                  dk.strides() == dv.strides(),
+              "attention_train_backward: dq (rows, Tq, heads, dh), dk and dv (rows, Tk, heads, dh) of q's dtype, "
+              "heads contiguous, dk and dv with the same strides");
+  if (z.b * z.h == 0) return;
   if (z.tq == 0) {
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return;
   }
   const float sc = static_cast<float>(scale);
   const float* pp = probs.data_ptr<float>();
+  const int64_t qb = dq.stride(0), qr = dq.stride(1), kb = dk.stride(0), kr = dk.stride(1);
   auto run = [&](auto* dqp) {
     using E = std::remove_pointer_t<decltype(dqp)>;
     E* dkp = elements_mut<E>(dk);
     E* dvp = elements_mut<E>(dv);
     switch (z.dh) {
-      case 32: backward_run<32, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp); break;
-      case 48: backward_run<48, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp); break;
-      case 64: backward_run<64, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp); break;
-      default: backward_run<0, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp);
+      case 32: backward_run<32, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp, qb, qr, kb, kr); break;
+      case 48: backward_run<48, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp, qb, qr, kb, kr); break;
+      case 64: backward_run<64, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp, qb, qr, kb, kr); break;
+      default: backward_run<0, E>(grad, q, k, v, pp, sc, z, dqp, dkp, dvp, qb, qr, kb, kr);
     }
   };
   if (q.scalar_type() == at::kFloat) {
@@ -301,6 +314,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_train_backward(const at
   } else {
     run(elements_mut<uint16_t>(dq));
   }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_train_backward(const at::Tensor& grad, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        const at::Tensor& probs, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "attention_train_backward: q, k, v must be (rows, heads, len, dh)");
+  auto dq = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());
+  auto dk = at::empty({k.size(0), k.size(2), k.size(1), k.size(3)}, q.options());
+  auto dv = at::empty({k.size(0), k.size(2), k.size(1), k.size(3)}, q.options());
+  attention_train_backward_into(grad, q, k, v, probs, scale, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -312,4 +335,7 @@ TORCH_LIBRARY_FRAGMENT(transduce, m) {
   m.def("attention_train_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor probs, float scale) "
         "-> (Tensor, Tensor, Tensor)",
         &attention_train_backward);
+  m.def("attention_train_backward_into(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor probs, float scale, "
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()",
+        &attention_train_backward_into);
 }

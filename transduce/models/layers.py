@@ -126,12 +126,10 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(b, t, self.h * self.dh)
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.kv(memory).chunk(2, dim=-1)
-        return self.split(k), self.split(v)
+        return split_heads(self.kv(memory), 2, self.h)
 
     def project_qkv(self, x: torch.Tensor):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.split(q), self.split(k), self.split(v)
+        return split_heads(self.qkv(x), 3, self.h)
 
     def attend(self, q, k, v, mask=None, causal=False, weights: list | None = None, group: int = 1) -> torch.Tensor:
         """q (N, H, Tq, dh), k/v (M, H, Tk, dh) with N = M * group: query row n reads memory row
@@ -184,6 +182,42 @@ class Attention(nn.Module):
                 scores.masked_fill_(~mask, float("-inf"))
             return scores.softmax(-1) @ v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+
+
+def split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """A fused projection's output (B, T, parts * D) as `parts` tensors of split heads (B, H, T, dh),
+    views of x. Where x needs a gradient, the split's backward pass takes the training attention
+    kernel's gradients as they come, side by side in one buffer of x's shape (kernels._TrainAttention),
+    instead of concatenating them (chunk's backward pass)."""
+    b, t, _ = x.shape
+    if x.requires_grad and x.dim() == 3:
+        return _SplitHeads.apply(x, parts, heads)
+    return tuple(c.view(b, t, heads, -1).transpose(1, 2) for c in x.chunk(parts, dim=-1))
+
+
+class _SplitHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, parts, heads):
+        b, t, n = x.shape
+        ctx.parts, ctx.shape = parts, x.shape
+        return tuple(c.view(b, t, heads, -1).transpose(1, 2) for c in x.chunk(parts, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        b, t, n = ctx.shape
+        d = n // ctx.parts
+        if all(g is not None for g in grads):
+            first = grads[0]
+            h, dh = first.shape[1], first.shape[3]
+            whole = (first.stride() == (t * n, dh, n, 1) and h * dh == d
+                     and all(g.shape == first.shape and g.stride() == first.stride() and g.dtype == first.dtype
+                             and g.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                             and g.storage_offset() == first.storage_offset() + i * d for i, g in enumerate(grads)))
+            if whole:  # the columns of one (B, T, n) buffer, in order: that buffer is x's gradient
+                return first.as_strided((b, t, n), (t * n, n, 1), first.storage_offset()), None, None
+        like = next(g for g in grads if g is not None)
+        return torch.cat([(g if g is not None else torch.zeros_like(like)).transpose(1, 2).reshape(b, t, d)
+                          for g in grads], dim=-1), None, None
 
 
 class FeedForward(nn.Module):
