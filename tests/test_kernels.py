@@ -792,20 +792,12 @@ def test_post_norm_residuals_hand_the_next_projection_bf16_under_autocast(monkey
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_post_norm_transformer_trains_on_the_norm_kernel_as_on_pytorch(monkeypatch, dropout, bf16):
-    # a training step of a post-norm Transformer: the same loss and gradients with the norm kernel
-    # as with PyTorch's add and layer_norm (the dropout kernel's masks are the same for the same
-    # generator state: the seeds are drawn in the same order)
-    from conftest import make_model, random_batch
+def step_with_and_without(monkeypatch, model, name, bf16):
+    """A training step's (loss, gradients) with kernels.<name> as it is, then with it returning None
+    (PyTorch's path), the dropout kernel's masks drawn from the same generator state both times;
+    and how many calls the first step made."""
+    from conftest import random_batch
 
-    from transduce.models.layers import Dropout
-
-    model = make_model("transformer-postnorm-learned").train()
-    for m in model.modules():
-        if isinstance(m, Dropout):
-            m.p, m.threshold = dropout, round(dropout * 256)
     batch = random_batch(6, seed=3)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -817,16 +809,36 @@ def test_post_norm_transformer_trains_on_the_norm_kernel_as_on_pytorch(monkeypat
         return loss, torch.autograd.grad(loss, params)
 
     calls = []
-    real = kernels.add_norm_train
-    monkeypatch.setattr(kernels, "add_norm_train", lambda *a: calls.append(1) or real(*a))
-    fast, fast_grads = step()
-    assert len(calls) == 2 * 2 + 2 * 3  # every residual of the 2 + 2 layers
-    monkeypatch.setattr(kernels, "add_norm_train", lambda *a: None)
-    slow, slow_grads = step()
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or real(*a))
+    fast = step()
+    n = len(calls)
+    with torch.no_grad():
+        model(batch)
+    assert len(calls) == n, "called without gradients"
+    monkeypatch.setattr(kernels, name, lambda *a: None)
+    slow = step()
     tol = dict(rtol=3e-2, atol=3e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fast, slow, **tol)
-    for a, b in zip(fast_grads, slow_grads):
+    for a, b in zip([fast[0], *fast[1]], [slow[0], *slow[1]]):
         torch.testing.assert_close(a, b, **tol)
+    return n
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_post_norm_transformer_trains_on_the_norm_kernel_as_on_pytorch(monkeypatch, dropout, bf16):
+    # a training step of a post-norm Transformer: the same loss and gradients with the norm kernel
+    # as with PyTorch's add and layer_norm (the dropout kernel's masks are the same for the same
+    # generator state: the seeds are drawn in the same order)
+    from conftest import make_model
+
+    from transduce.models.layers import Dropout
+
+    model = make_model("transformer-postnorm-learned").train()
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p, m.threshold = dropout, round(dropout * 256)
+    assert step_with_and_without(monkeypatch, model, "add_norm_train", bf16) == 2 * 2 + 2 * 3  # every residual
 
 
 def test_gelu_training_kernel_is_gelu_and_its_gradient():
@@ -878,39 +890,13 @@ def test_gelu_training_kernel_declines_what_it_does_not_do(monkeypatch):
 def test_gelu_feed_forward_trains_on_the_kernel_as_on_pytorch(monkeypatch, bf16):
     # a training step of a GELU Transformer: the same loss and gradients with the GELU kernel as with
     # PyTorch's GELU; without gradients (decoding, evaluation) the kernel is not called
-    from conftest import make_model, random_batch
+    from conftest import SRC_V, TGT_V, tiny_transformer
 
-    from transduce.models.layers import FeedForward
+    from transduce.models import build_model
 
-    model = make_model("transformer-postnorm-learned").train()
-    ffs = [m for m in model.modules() if isinstance(m, FeedForward)]
-    for m in ffs:
-        m.gelu = True
-    batch = random_batch(6, seed=3)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=0)
-        return loss, torch.autograd.grad(loss, params)
-
-    calls = []
-    real = kernels.gelu
-    monkeypatch.setattr(kernels, "gelu", lambda x: calls.append(1) or real(x))
-    fast, fast_grads = step()
-    assert len(calls) == len(ffs) and len(ffs) == 4
-    with torch.no_grad():
-        model(batch)
-    assert len(calls) == len(ffs)
-    monkeypatch.setattr(kernels, "gelu", lambda x: None)
-    for m in ffs:
-        m.act = nn.GELU()
-    slow, slow_grads = step()
-    tol = dict(rtol=3e-2, atol=3e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fast, slow, **tol)
-    for a, b in zip(fast_grads, slow_grads):
-        torch.testing.assert_close(a, b, **tol)
+    torch.manual_seed(0)
+    model = build_model(tiny_transformer(activation="gelu", norm="post"), SRC_V, TGT_V).train()
+    assert step_with_and_without(monkeypatch, model, "gelu", bf16) == 4  # every feed-forward block
 
 
 @pytest.mark.parametrize("cross", [False, True])
