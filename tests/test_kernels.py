@@ -810,13 +810,13 @@ def step_with_and_without(monkeypatch, model, name, bf16):
 
     calls = []
     real = getattr(kernels, name)
-    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = step()
     n = len(calls)
     with torch.no_grad():
         model(batch)
     assert len(calls) == n, "called without gradients"
-    monkeypatch.setattr(kernels, name, lambda *a: None)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: None)
     slow = step()
     tol = dict(rtol=3e-2, atol=3e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
     for a, b in zip([fast[0], *fast[1]], [slow[0], *slow[1]]):
@@ -886,17 +886,75 @@ def test_gelu_training_kernel_declines_what_it_does_not_do(monkeypatch):
     assert kernels.gelu(torch.ones(4)) is None
 
 
+@pytest.mark.parametrize("act", ["relu", "gelu"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_gelu_feed_forward_trains_on_the_kernel_as_on_pytorch(monkeypatch, bf16):
-    # a training step of a GELU Transformer: the same loss and gradients with the GELU kernel as with
-    # PyTorch's GELU; without gradients (decoding, evaluation) the kernel is not called
+def test_feed_forward_trains_on_the_bias_activation_kernel_as_on_pytorch(monkeypatch, act, bf16):
+    # a training step of a Transformer: the same loss and gradients (the up-projections' biases
+    # among them, summed by the kernel) with the bias + activation kernel as with PyTorch's addmm and
+    # activation; without gradients (decoding, evaluation) the kernel is not called
     from conftest import SRC_V, TGT_V, tiny_transformer
 
     from transduce.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(tiny_transformer(activation="gelu", norm="post"), SRC_V, TGT_V).train()
-    assert step_with_and_without(monkeypatch, model, "gelu", bf16) == 4  # every feed-forward block
+    model = build_model(tiny_transformer(activation=act, norm="post"), SRC_V, TGT_V).train()
+    for m in model.modules():  # non-zero biases, so that a bias left out would show
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, 0.0, 0.5)
+    assert step_with_and_without(monkeypatch, model, "bias_act", bf16) == 4  # every feed-forward block
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("cols", [1024, 37])  # whole vectors; a remainder
+def test_bias_activation_kernel_and_its_gradients(act, cols):
+    # float32: act(x + b) and the gradients of x and b against float64, the derivative written over
+    # x's memory when asked
+    g = torch.Generator().manual_seed(2)
+    x64, b64 = 3 * torch.randn(5, 41, cols, generator=g, dtype=torch.float64), torch.randn(cols, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 41, cols, generator=g, dtype=torch.float64)
+    leaf, bias = x64.float().requires_grad_(), b64.float().requires_grad_()
+    h = leaf * 1  # a fresh tensor that nothing else reads, as a projection's output
+    y = kernels.bias_act(h, bias, act, overwrite=True)
+    assert y is not None and y.dtype == torch.float32
+    ref_x, ref_b = x64.float().double().requires_grad_(), b64.float().double().requires_grad_()
+    ref = (F.gelu if act == "gelu" else F.relu)(ref_x + ref_b)
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=0, atol=5e-7 * 5)
+    derivative = h.clone()  # the forward pass left act'(x + b) in h
+    gx, gb = torch.autograd.grad(y, (leaf, bias), w.float())
+    rx, rb = torch.autograd.grad(ref, (ref_x, ref_b), w)
+    torch.testing.assert_close(gx.double(), rx, rtol=0, atol=2e-6 * w.abs().max().item())
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-4)
+    if act == "relu":
+        assert torch.equal(derivative, (x64.float() + b64.float() > 0).float())
+    else:
+        assert not torch.equal(derivative, x64.float())
+
+
+def test_bias_activation_kernel_sums_the_bias_gradient_in_the_same_order_on_any_thread_count():
+    x = torch.randn(700, 96, generator=torch.Generator().manual_seed(4)).bfloat16()
+    w = torch.randn(700, 96, generator=torch.Generator().manual_seed(5)).bfloat16()
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            bias = torch.zeros(96, requires_grad=True)
+            y = kernels.bias_act(x.clone().requires_grad_(), bias, "gelu")
+            grads.append(torch.autograd.grad(y, bias, w)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].dtype == torch.float32
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+
+
+def test_bias_activation_kernel_refuses_a_second_backward_pass():
+    leaf = torch.randn(8, 16, requires_grad=True)
+    y = kernels.bias_act(leaf * 1, torch.zeros(16, requires_grad=True), "relu", overwrite=True)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        y.sum().backward()
+    with pytest.raises(ValueError, match="unknown activation 'swish'; choose from"):
+        kernels.bias_act(leaf, None, "swish")
 
 
 @pytest.mark.parametrize("cross", [False, True])

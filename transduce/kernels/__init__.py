@@ -21,9 +21,10 @@ PyTorch's flash kernel spends most of its time setting up blocks
 are needed and there is no attention dropout). `dropout.cpp` is inverted
 dropout in one pass whose mask is a hash of a seed and the element's index,
 so the backward pass recomputes it instead of storing it (`dropout`).
-`gelu_train.cpp` is GELU for training whose forward pass writes the
-derivative beside the output, so the backward pass is a product (`gelu`,
-used by models/layers.py's `FeedForward`).
+`gelu_train.cpp` is a projection's bias and its GELU or ReLU for training,
+whose forward pass writes the derivative over its input, so the backward pass
+is a product written over it, with the bias's gradient summed on the way
+(`bias_act`, used by models/layers.py's `FeedForward`).
 `norm_train.cpp` is a post-norm layer's residual, dropout and LayerNorm
 with gradients, its result in float32 and, under bf16 autocast, in bf16 for
 the next projections (`add_norm_train`, used by models/layers.py's
@@ -289,32 +290,53 @@ def dropout(x: torch.Tensor, threshold: int) -> torch.Tensor | None:
     return _Dropout.apply(x, seed, threshold, 256.0 / (256 - threshold))
 
 
-class _Gelu(torch.autograd.Function):
-    """gelu_train.cpp: the derivative, written by the forward pass, is all the backward pass reads."""
+ACTIVATIONS = {"relu": 1, "gelu": 2}  # gelu_train.cpp's codes
+
+
+class _BiasAct(torch.autograd.Function):
+    """gelu_train.cpp: a projection's bias and its activation in one pass, which writes the derivative
+    (over its input where `overwrite`); the backward pass writes the gradient over the derivative and
+    sums the bias's gradient as it goes."""
 
     @staticmethod
-    def forward(ctx, x):
-        y, d = ops().gelu_train(x)
-        ctx.save_for_backward(d)
+    def forward(ctx, x, bias, act, overwrite):
+        y, d = ops().bias_act_train(x, None if bias is None else bias.float(), ACTIVATIONS[act], overwrite)
+        ctx.d = d  # not save_for_backward: the backward pass writes over it, so it runs once
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (d,) = ctx.saved_tensors
-        return grad * d
+        d, ctx.d = ctx.d, None
+        if d is None:
+            raise RuntimeError("the activation kernel's backward pass ran twice: its first run wrote the gradient "
+                               "over the derivative it keeps (backward with retain_graph=True is not supported here)")
+        want_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
+        dx, db = ops().act_backward(grad.contiguous(), d, want_bias)
+        return dx, db.to(ctx.bias_dtype) if want_bias else None, None, None
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, overwrite: bool = False) -> torch.Tensor | None:
+    """act(x + bias) (act "relu" or "gelu", the erf form) for a pass that needs gradients: one pass each
+    way that moves as few bytes as it can (the derivative written by the forward pass, the gradient
+    written over it, the bias's gradient summed on the way). `overwrite`: x is a projection's fresh
+    output that nothing else reads, and the derivative goes into its memory. None where the kernel
+    does not apply (not a float32 or bfloat16 CPU tensor, or no kernels). GELU in float32: within
+    5e-7 of the exact values; in bf16, PyTorch's bf16 GELU above x = -3, closer to the exact values
+    below (PyTorch's 1 + erf cancels there). Under bf16 the gradient is rounded twice (the
+    derivative, then the product) where PyTorch's rounds once."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or ops() is None:
+        return None
+    if overwrite and not x.is_contiguous():
+        overwrite = False
+    return _BiasAct.apply(x, bias, act, overwrite)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor | None:
-    """GELU (the erf form) for a pass that needs gradients: x Phi(x), its backward pass a product with the
-    derivative that the forward pass wrote (instead of erf and exp evaluated again from the input); None
-    where the kernel does not apply (not a float32 or bfloat16 CPU tensor, or no kernels). float32:
-    within 5e-7 of the exact values; bf16: PyTorch's bf16 GELU above x = -3, closer to the exact
-    values below (PyTorch's 1 + erf cancels there). Under bf16 the gradient is rounded twice (the
-    derivative, then the product) where PyTorch's rounds once. A training step of the G2P
-    models: 1.03-1.05x on 2 threads (docs/benchmarks.md)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or ops() is None:
-        return None
-    return _Gelu.apply(x)
+    """GELU (the erf form) for a pass that needs gradients: `bias_act` without a bias."""
+    return bias_act(x, None, "gelu")
 
 
 class _AddNormTrain(torch.autograd.Function):
