@@ -175,10 +175,15 @@ def test_training_kernel_matches_pytorch_forward_and_gradients(tq, tk, dh, causa
     (7, 7, 32, True, False),
     (10, 11, 48, False, True),
     (12, 12, 24, False, True),   # dh without a special case
+    (9, 16, 64, False, True),    # one block of 16 keys' dot products
+    (20, 37, 64, False, True),   # three blocks, the last one partial
+    (33, 33, 32, True, False),
 ])
 def test_training_kernel_in_bf16_is_the_float32_kernel_rounded(tq, tk, dh, causal, masked):
     # bf16 in (bf16 autocast's projections): out and gradients in bf16, the arithmetic in float32,
-    # so exactly the float32 kernel's results on the same values, rounded once
+    # so the float32 kernel's results on the same values, rounded once: exactly, or (where the scores
+    # are bf16 dot products, dh a multiple of 32 on a CPU with AVX512-BF16, their sums in another
+    # order) now and then the neighbouring bf16 value
     g = torch.Generator().manual_seed(tq + dh)
     mask = random_mask(3, tk, g) if masked else None
     # q, k, v as the heads of fused projections: (B, T, H * dh) viewed split, innermost contiguous
@@ -188,13 +193,16 @@ def test_training_kernel_in_bf16_is_the_float32_kernel_rounded(tq, tk, dh, causa
     out_b = kernels.attend_train(*half, mask, causal, dh ** -0.5, max_keys=None)
     out_f = kernels.attend_train(*full, mask, causal, dh ** -0.5, max_keys=None)
     assert out_b.dtype == torch.bfloat16 and out_f.dtype == torch.float32
-    assert torch.equal(out_b, out_f.bfloat16())
     w = torch.randn(out_f.shape, generator=g).bfloat16()
     grads_b = torch.autograd.grad((out_b * w).sum(), half)
     grads_f = torch.autograd.grad((out_f * w.float()).sum(), full)
-    for a, b in zip(grads_b, grads_f):
+    for a, b in zip([out_b, *grads_b], [out_f, *grads_f]):
         assert a.dtype == torch.bfloat16 and a.abs().sum() > 0
-        assert torch.equal(a, b.bfloat16())
+        if dh % 32:
+            assert torch.equal(a, b.bfloat16())
+        else:
+            assert (a == b.bfloat16()).float().mean() > 0.97
+            torch.testing.assert_close(a.float(), b, rtol=2 ** -7, atol=1e-5)
 
 
 def test_training_kernel_query_without_keys_gets_zeros_and_no_gradient():

@@ -3,9 +3,14 @@
 //
 // Sequences of characters or phonemes are short (5-30 positions): PyTorch's flash kernel for CPU
 // sets up blocks of 32+ queries and keys per (row, head) and spends most of its time on that, and
-// the math path runs a dozen batched ops of tiny matrices. Here each task holds one row's keys
-// transposed (dh x T, padded to whole vectors) in scratch and computes every query's scores,
-// softmax and weighted values in one pass; the backward pass reads the saved probabilities back.
+// the math path runs a dozen batched ops of tiny matrices. Here each task computes every query's
+// scores, softmax and weighted values in one pass; the backward pass reads the saved probabilities
+// back. In bf16 on a CPU with AVX512-BF16 (dh a multiple of 32) a query's scores are bf16 dot
+// products with each key's row, 16 keys' sums in registers, added across lanes by one transposing
+// tree; otherwise each task holds its row's keys transposed (dh x T, padded to whole vectors) in
+// scratch. The gradients are each summed in registers and stored once: dq over the keys, dk and dv
+// over the queries. (On an AMD EPYC, Zen 4, 2 threads, (256 rows, 4 heads, 9 positions, dh 64),
+// bf16: forward 653 -> 438 us, backward 873 -> 519 us; 40 positions: 2x.)
 //
 //   attention_train(q, k, v, mask, causal, scale) -> (out, probs)
 //     q (B, H, Tq, dh), k, v (B, H, Tk, dh): all float32 or all bfloat16 (out and the gradients
@@ -58,6 +63,81 @@ E* elements_mut(const at::Tensor& t) {
   return static_cast<E*>(t.mutable_data_ptr());
 }
 
+
+#ifdef __AVX512F__
+// out[0, 16 NV) = sum_j w[j * ws] x_j[0, 16 NV), x_j = x + j * xs, j < n, skipping zero weights: a
+// weighted sum of n rows in NV registers, stored once.
+template <int NV, typename E>
+inline void weighted_rows16(const float* w, int64_t ws, const float* x, int64_t xs, int64_t n, E* out) {
+  __m512 acc[NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const float wi = w[i * ws];
+    if (wi == 0.f) continue;
+    const __m512 b = _mm512_set1_ps(wi);
+    const float* xi = x + i * xs;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xi + 16 * j), acc[j]);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) store16(out + 16 * j, acc[j]);
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// Lane j of the result: the sum of v[j]'s 16 lanes (a transposing tree of adds: 45 instructions
+// for 16 sums, where 16 separate reductions take ~130).
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], x[4];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)
+    w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(w[2 * k]), b = _mm512_castps_pd(w[2 * k + 1]);
+    x[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, 0x88), _mm512_shuffle_f32x4(z01, z23, 0xDD));
+}
+
+// s[0, 16) = x . row_t for rows t < n (n <= 16) `step` elements apart, 0 for t >= n: bf16 dot
+// products by the CPU's bf16 pair instruction (exact products, float sums), DH a multiple of 32.
+// The 16 sums stay in registers (the loop over rows unrolled), each row read once per call.
+template <int DH>
+inline void bf16_dots16(const uint16_t* x, const uint16_t* rows, int64_t step, int64_t n, float* s) {
+  constexpr int C = DH / 32;
+  __m512bh xv[C];
+  for (int c = 0; c < C; ++c) xv[c] = (__m512bh)_mm512_loadu_si512(x + 32 * c);
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) {
+    if (t < n) {
+      const uint16_t* row = rows + t * step;
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[t] = _mm512_dpbf16_ps(acc[t], xv[c], (__m512bh)_mm512_loadu_si512(row + 32 * c));
+    }
+  }
+  _mm512_storeu_ps(s, sum_lanes16(acc));
+}
+
+// s[0, n) = x . row_t for rows t < n `step` elements apart, in blocks of 16 (s holds a multiple of 16)
+template <int DH>
+inline void bf16_dots(const uint16_t* x, const uint16_t* rows, int64_t step, int64_t n, float* s) {
+  if (n <= 16) {  // G2P's rows: one block
+    bf16_dots16<DH>(x, rows, step, n, s);
+    return;
+  }
+  for (int64_t t = 0; t < n; t += 16) bf16_dots16<DH>(x, rows + t * step, step, std::min<int64_t>(16, n - t), s + t);
+}
+#endif
+
+inline int64_t padded16(int64_t t) { return (t + 15) / 16 * 16; }
+
 template <int DH, typename E>
 void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mp, int64_t mask_row,
                  int64_t mask_q, int64_t mask_step, bool causal, float scale, const Shape& z, E* op, float* pp) {
@@ -72,14 +152,20 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                 k2 = k.stride(2), v0 = v.stride(0), v1 = v.stride(1), v2 = v.stride(2);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, tq * tk * dh));
   at::parallel_for(0, z.b * z.h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(dh * tkp, 0.f), bias(tkp), s(tkp), acc_buf(dh);
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    // bf16: the scores straight from the rows by bf16 dot products, no transposed keys
+    constexpr bool kDots = !kFloat && DH > 0 && DH % 32 == 0;
+#else
+    constexpr bool kDots = false;
+#endif
+    std::vector<float> kt(kDots ? 0 : dh * tkp, 0.f), bias(tkp), s(padded16(tk)), acc_buf(dh);
     std::vector<float> qbuf(kFloat ? 0 : tq * dh), vbuf(kFloat ? 0 : tk * dh);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / z.h, head = u % z.h;
       const E* qr = qp + r * q0 + head * q1;
       const E* kr = kp + r * k0 + head * k1;
       const E* vr = vp + r * v0 + head * v1;
-      transpose<DH>(kr, k2, tk, dh, tkp, kt.data());
+      if constexpr (!kDots) transpose<DH>(kr, k2, tk, dh, tkp, kt.data());
       // this row's queries and values as float, and the distance between their rows
       const float* qf;
       const float* vf;
@@ -87,7 +173,7 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       if constexpr (kFloat) {
         qf = qr, vf = vr, qs = q2, vs = v2;
       } else {
-        rows_to_float<DH>(qr, q2, tq, dh, qbuf.data());
+        if constexpr (!kDots) rows_to_float<DH>(qr, q2, tq, dh, qbuf.data());
         rows_to_float<DH>(vr, v2, tk, dh, vbuf.data());
         qf = qbuf.data(), vf = vbuf.data(), qs = vs = dh;
       }
@@ -101,7 +187,12 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t i = 0; i < tq; ++i) {
         if (mask_q != 0 && i > 0) fill_bias(i);
         const int64_t len = causal ? tk - tq + i + 1 : tk;
-        row_sums_any<DH>(qf + i * qs, kt.data(), tkp, dh, s.data());
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        if constexpr (kDots)
+          bf16_dots<DH>(reinterpret_cast<const uint16_t*>(qr) + i * q2, reinterpret_cast<const uint16_t*>(kr), k2, tk, s.data());
+        else
+#endif
+          row_sums_any<DH>(qf + i * qs, kt.data(), tkp, dh, s.data());
         float top = kMasked;
 #pragma omp simd reduction(max : top)
         for (int64_t t = 0; t < tkp; ++t) {
@@ -150,72 +241,99 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                 v1 = v.stride(1), v2 = v.stride(2);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, tq * tk * dh));
   at::parallel_for(0, z.b * z.h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> vt(dh * tkp, 0.f), dp(tkp), dq_buf(dh);
-    // bf16: this row's g, q, k as float, and dk, dv summed in float before they are stored
-    std::vector<float> gbuf(kFloat ? 0 : tq * dh), qbuf(kFloat ? 0 : tq * dh), kbuf(kFloat ? 0 : tk * dh),
-        dkbuf(kFloat ? 0 : tk * dh), dvbuf(kFloat ? 0 : tk * dh);
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    constexpr bool kDots = !kFloat && DH > 0 && DH % 32 == 0;  // as in forward_run
+#else
+    constexpr bool kDots = false;
+#endif
+    std::vector<float> vt(kDots ? 0 : dh * tkp, 0.f), dp(padded16(tk)), ds(tq * tk), acc_buf(3 * dh);
+    // bf16: this row's g, q, k as float
+    std::vector<float> gbuf(kFloat ? 0 : tq * dh), qbuf(kFloat ? 0 : tq * dh), kbuf(kFloat ? 0 : tk * dh);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / z.h, head = u % z.h;
       const E* gr = gp + r * g0 + head * g1;
       const E* qr = qp + r * q0 + head * q1;
       const E* kr = kp + r * k0 + head * k1;
       const E* vr = vp + r * v0 + head * v1;
-      transpose<DH>(vr, v2, tk, dh, tkp, vt.data());
+      if constexpr (!kDots) transpose<DH>(vr, v2, tk, dh, tkp, vt.data());
       const float* prob = pp + u * tq * tk;
       const float *gf, *qf, *kf;
-      float *dkr, *dvr;  // this task's rows of dk, dv: (Tk, dh) `ds` apart, written by no other task
-      int64_t gs, qs, ks, ds;
+      int64_t gs, qs, ks;
       if constexpr (kFloat) {
-        gf = gr, qf = qr, kf = kr, gs = g2, qs = q2, ks = k2, ds = kr_;
-        dkr = dkp + r * kb + head * dh;
-        dvr = dvp + r * kb + head * dh;
+        gf = gr, qf = qr, kf = kr, gs = g2, qs = q2, ks = k2;
       } else {
         rows_to_float<DH>(gr, g2, tq, dh, gbuf.data());
         rows_to_float<DH>(qr, q2, tq, dh, qbuf.data());
         rows_to_float<DH>(kr, k2, tk, dh, kbuf.data());
-        gf = gbuf.data(), qf = qbuf.data(), kf = kbuf.data(), gs = qs = ks = ds = dh;
-        dkr = dkbuf.data(), dvr = dvbuf.data();
+        gf = gbuf.data(), qf = qbuf.data(), kf = kbuf.data(), gs = qs = ks = dh;
       }
-      for (int64_t t = 0; t < tk; ++t) {
-        for (int64_t d = 0; d < dh; ++d) dkr[t * ds + d] = 0.f;
-        for (int64_t d = 0; d < dh; ++d) dvr[t * ds + d] = 0.f;
-      }
+      // Each gradient is summed in registers (where dh is known here) and stored once: dq_i over
+      // the keys, dk_t and dv_t over the queries (summing dk and dv in memory, one query at a
+      // time, read and wrote each row tq times).
+      float local[DH > 0 ? 3 * DH : 1];
+      float* __restrict__ acc = DH > 0 ? local : acc_buf.data();
       for (int64_t i = 0; i < tq; ++i) {
         const float* __restrict__ p = prob + i * tk;
-        const float* __restrict__ gi = gf + i * gs;
-        const float* __restrict__ qi = qf + i * qs;
-        E* __restrict__ dq_out = dqp + r * qb + i * qr_ + head * dh;
-        float local[DH > 0 ? DH : 1];  // dq in registers where dh is known here
-        float* __restrict__ dq = DH > 0 ? local : dq_buf.data();
-        for (int64_t d = 0; d < dh; ++d) dq[d] = 0.f;
+        float* __restrict__ dsi = ds.data() + i * tk;
         // dP[t] = g_i . v_t; the softmax's gradient dS = P * (dP - sum_t P dP)
-        row_sums_any<DH>(gi, vt.data(), tkp, dh, dp.data());
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        if constexpr (kDots)
+          bf16_dots<DH>(reinterpret_cast<const uint16_t*>(gr) + i * g2, reinterpret_cast<const uint16_t*>(vr), v2, tk, dp.data());
+        else
+#endif
+          row_sums_any<DH>(gf + i * gs, vt.data(), tkp, dh, dp.data());
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t t = 0; t < tk; ++t) dot += p[t] * dp[t];
+#pragma omp simd
+        for (int64_t t = 0; t < tk; ++t) dsi[t] = p[t] * (dp[t] - dot) * scale;
+        E* __restrict__ dq_out = dqp + r * qb + i * qr_ + head * dh;
+#ifdef __AVX512F__
+        if constexpr (DH > 0 && DH % 16 == 0) {
+          // zero weights where p is: masked keys, or beyond the causal limit
+          weighted_rows16<DH / 16>(dsi, 1, kf, ks, tk, dq_out);
+          continue;
+        }
+#endif
+        for (int64_t d = 0; d < dh; ++d) acc[d] = 0.f;
         for (int64_t t = 0; t < tk; ++t) {
-          const float pt = p[t];
-          if (pt == 0.f) continue;  // masked, or beyond the causal limit
-          const float dst = pt * (dp[t] - dot) * scale;
+          if (p[t] == 0.f) continue;  // masked, or beyond the causal limit
+          const float dst = dsi[t];
           const float* __restrict__ kt = kf + t * ks;
-          float* __restrict__ dk = dkr + t * ds;
-          float* __restrict__ dv = dvr + t * ds;
+#pragma omp simd
+          for (int64_t d = 0; d < dh; ++d) acc[d] += dst * kt[d];
+        }
+        for (int64_t d = 0; d < dh; ++d) store(dq_out + d, acc[d]);
+      }
+      E* dk_row = dkp + r * kb + head * dh;
+      E* dv_row = dvp + r * kb + head * dh;
+      for (int64_t t = 0; t < tk; ++t) {
+        E* __restrict__ dk_out = dk_row + t * kr_;
+        E* __restrict__ dv_out = dv_row + t * kr_;
+#ifdef __AVX512F__
+        if constexpr (DH > 0 && DH % 16 == 0) {
+          weighted_rows16<DH / 16>(ds.data() + t, tk, qf, qs, tq, dk_out);
+          weighted_rows16<DH / 16>(prob + t, tk, gf, gs, tq, dv_out);
+          continue;
+        }
+#endif
+        float* __restrict__ dk = acc;
+        float* __restrict__ dv = acc + dh;
+        for (int64_t d = 0; d < dh; ++d) dk[d] = dv[d] = 0.f;
+        for (int64_t i = 0; i < tq; ++i) {
+          const float pt = prob[i * tk + t];
+          if (pt == 0.f) continue;
+          const float dst = ds[i * tk + t];
+          const float* __restrict__ qi = qf + i * qs;
+          const float* __restrict__ gi = gf + i * gs;
 #pragma omp simd
           for (int64_t d = 0; d < dh; ++d) {
-            dq[d] += dst * kt[d];
             dk[d] += dst * qi[d];
             dv[d] += pt * gi[d];
           }
         }
-        for (int64_t d = 0; d < dh; ++d) store(dq_out + d, dq[d]);
-      }
-      if constexpr (!kFloat) {
-        E* dk_out = dkp + r * kb + head * dh;
-        E* dv_out = dvp + r * kb + head * dh;
-        for (int64_t t = 0; t < tk; ++t) {
-          for (int64_t d = 0; d < dh; ++d) store(dk_out + t * kr_ + d, dkr[t * dh + d]);
-          for (int64_t d = 0; d < dh; ++d) store(dv_out + t * kr_ + d, dvr[t * dh + d]);
-        }
+        for (int64_t d = 0; d < dh; ++d) store(dk_out + d, dk[d]);
+        for (int64_t d = 0; d < dh; ++d) store(dv_out + d, dv[d]);
       }
     }
   });

@@ -44,16 +44,16 @@
 #include <tuple>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "rows.h"
 
 namespace {
 
 using transduce_kernels::load;
 using transduce_kernels::store;
+#ifdef __AVX512F__
+using transduce_kernels::load16;
+using transduce_kernels::store16;
+#endif
 
 // exp(v) for v in [-80, 0]: v = n ln2 + r, |r| <= ln2 / 2 (ln2 in two parts), exp(r) by Cephes'
 // expf polynomial (relative error ~1e-7), 2^n added to the exponent's bits. Straight-line
@@ -82,22 +82,6 @@ inline float exp_neg(float v) {
 // exponent by scalef, bf16 stores by the CPU's conversion where it has one. On an AMD EPYC (Zen 4),
 // (1000, 768) bf16 on one thread: 500 us against 516 for the scalar loop as GCC vectorises it;
 // (4000, 1024): 2,704 us, PyTorch's forward 1,791 and backward 3,373, the product here 792.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(uint16_t* p, __m512 v) {  // round to nearest, ties to even
-#ifdef __AVX512BF16__
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-  return;
-#endif
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-
 template <typename T>
 inline void gelu16(__m512 v, T* y, T* d) {
   const __m512 a = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678f));

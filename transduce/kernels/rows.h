@@ -1,4 +1,4 @@
-// Helpers shared by the kernels: bf16 loads and stores, keys laid out transposed in whole vectors
+// Helpers shared by the kernels: bf16 loads and stores (one element, or 16 in AVX-512), keys laid out transposed in whole vectors
 // and one row's products with all of them (attention.cpp, attention_train.cpp), a row's LayerNorm
 // (norm.cpp, norm_train.cpp).
 #pragma once
@@ -6,6 +6,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace transduce_kernels {
 
@@ -35,6 +39,26 @@ inline void store(uint16_t* p, float v) {  // round to nearest, ties to even (as
   std::memcpy(&u, &v, sizeof u);
   *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
+
+#ifdef __AVX512F__
+// 16 elements at a time in AVX-512: float32, or bf16 widened to float32 and stored rounded to
+// nearest even (by the CPU's conversion where it has one).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {
+#ifdef __AVX512BF16__
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+#endif
+}
+#endif
 
 // dst (dh, tp) = src (t_len, dh), rows `step` apart; columns t_len.. are left as they are (zero)
 template <int DH, typename E>
