@@ -5,7 +5,7 @@
 // sets up blocks of 32+ queries and keys per (row, head) and spends most of its time on that, and
 // the math path runs a dozen batched ops of tiny matrices. Here each task computes every query's
 // scores, softmax and weighted values in one pass; the backward pass reads the saved probabilities
-// back. In bf16 on a CPU with AVX512-BF16 (dh a multiple of 32) a query's scores are bf16 dot
+// back. In bf16 on a CPU with AVX512-BF16 (dh 32, 48 or 64) a query's scores are bf16 dot
 // products with each key's row, 16 keys' sums in registers, added across lanes by one transposing
 // tree; otherwise each task holds its row's keys transposed (dh x T, padded to whole vectors) in
 // scratch. The gradients are each summed in registers and stored once: dq over the keys, dk and dv
@@ -85,7 +85,7 @@ inline void weighted_rows16(const float* w, int64_t ws, const float* x, int64_t 
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 // Lane j of the result: the sum of v[j]'s 16 lanes (a transposing tree of adds: 45 instructions
 // for 16 sums, where 16 separate reductions take ~130).
 inline __m512 sum_lanes16(const __m512* v) {
@@ -104,13 +104,19 @@ inline __m512 sum_lanes16(const __m512* v) {
 }
 
 // s[0, 16) = x . row_t for rows t < n (n <= 16) `step` elements apart, 0 for t >= n: bf16 dot
-// products by the CPU's bf16 pair instruction (exact products, float sums), DH a multiple of 32.
-// The 16 sums stay in registers (the loop over rows unrolled), each row read once per call.
+// products by the CPU's bf16 pair instruction (exact products, float sums), 32 elements at a time
+// (the last block's tail loaded masked, as zeros). The 16 sums stay in registers (the loop over
+// rows unrolled), each row read once per call.
 template <int DH>
 inline void bf16_dots16(const uint16_t* x, const uint16_t* rows, int64_t step, int64_t n, float* s) {
-  constexpr int C = DH / 32;
+  constexpr int C = (DH + 31) / 32, kTail = DH % 32;
+  constexpr __mmask32 kTailMask = kTail == 0 ? ~__mmask32{0} : (__mmask32{1} << kTail) - 1;
+  auto block = [](const uint16_t* p, int c) {
+    if (kTail != 0 && c == C - 1) return (__m512bh)_mm512_maskz_loadu_epi16(kTailMask, p + 32 * c);
+    return (__m512bh)_mm512_loadu_si512(p + 32 * c);
+  };
   __m512bh xv[C];
-  for (int c = 0; c < C; ++c) xv[c] = (__m512bh)_mm512_loadu_si512(x + 32 * c);
+  for (int c = 0; c < C; ++c) xv[c] = block(x, c);
   __m512 acc[16];
 #pragma GCC unroll 16
   for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
@@ -119,7 +125,7 @@ inline void bf16_dots16(const uint16_t* x, const uint16_t* rows, int64_t step, i
     if (t < n) {
       const uint16_t* row = rows + t * step;
 #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[t] = _mm512_dpbf16_ps(acc[t], xv[c], (__m512bh)_mm512_loadu_si512(row + 32 * c));
+      for (int c = 0; c < C; ++c) acc[t] = _mm512_dpbf16_ps(acc[t], xv[c], block(row, c));
     }
   }
   _mm512_storeu_ps(s, sum_lanes16(acc));
@@ -152,9 +158,9 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                 k2 = k.stride(2), v0 = v.stride(0), v1 = v.stride(1), v2 = v.stride(2);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, tq * tk * dh));
   at::parallel_for(0, z.b * z.h, grain, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
     // bf16: the scores straight from the rows by bf16 dot products, no transposed keys
-    constexpr bool kDots = !kFloat && DH > 0 && DH % 32 == 0;
+    constexpr bool kDots = !kFloat && DH > 0;
 #else
     constexpr bool kDots = false;
 #endif
@@ -187,7 +193,7 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t i = 0; i < tq; ++i) {
         if (mask_q != 0 && i > 0) fill_bias(i);
         const int64_t len = causal ? tk - tq + i + 1 : tk;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
         if constexpr (kDots)
           bf16_dots<DH>(reinterpret_cast<const uint16_t*>(qr) + i * q2, reinterpret_cast<const uint16_t*>(kr), k2, tk, s.data());
         else
@@ -241,8 +247,8 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                 v1 = v.stride(1), v2 = v.stride(2);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, tq * tk * dh));
   at::parallel_for(0, z.b * z.h, grain, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-    constexpr bool kDots = !kFloat && DH > 0 && DH % 32 == 0;  // as in forward_run
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+    constexpr bool kDots = !kFloat && DH > 0;  // as in forward_run
 #else
     constexpr bool kDots = false;
 #endif
@@ -276,7 +282,7 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
         const float* __restrict__ p = prob + i * tk;
         float* __restrict__ dsi = ds.data() + i * tk;
         // dP[t] = g_i . v_t; the softmax's gradient dS = P * (dP - sum_t P dP)
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
         if constexpr (kDots)
           bf16_dots<DH>(reinterpret_cast<const uint16_t*>(gr) + i * g2, reinterpret_cast<const uint16_t*>(vr), v2, tk, dp.data());
         else
