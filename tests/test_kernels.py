@@ -932,10 +932,12 @@ def test_bias_activation_kernel_and_its_gradients(act, cols):
     rx, rb = torch.autograd.grad(ref, (ref_x, ref_b), w)
     torch.testing.assert_close(gx.double(), rx, rtol=0, atol=2e-6 * w.abs().max().item())
     torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-4)
+    v = x64.float().double() + b64.float().double()
     if act == "relu":
-        assert torch.equal(derivative, (x64.float() + b64.float() > 0).float())
-    else:
-        assert not torch.equal(derivative, x64.float())
+        assert torch.equal(derivative, (v > 0).float())
+    else:  # Phi(v) + v phi(v)
+        exact = 0.5 * torch.special.erfc(-v / 2 ** 0.5) + v * torch.exp(-v * v / 2) / (2 * torch.pi) ** 0.5
+        torch.testing.assert_close(derivative.double(), exact, rtol=0, atol=1e-6)
 
 
 def test_bias_activation_kernel_sums_the_bias_gradient_in_the_same_order_on_any_thread_count():
