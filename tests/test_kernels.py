@@ -1010,3 +1010,25 @@ def test_fused_projection_gradient_comes_whole_from_the_kernel(monkeypatch, cros
     summed = run(lambda p, n: split_heads(p, n, 4), twice=True)
     assert cats
     torch.testing.assert_close(summed, run(chunked, twice=True), rtol=0, atol=0)
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path, monkeypatch):
+    # PyTorch's lock file and a half-written library, as a killed build leaves them: the next build
+    # clears both (PyTorch's build would otherwise wait on its lock file forever)
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("TRANSDUCE_CACHE", str(tmp_path))
+    out = kernels.build_dir()
+    lib = out / f"{kernels.NAME}.so"
+    out.mkdir(parents=True)
+    (out / "lock").touch()
+    lib.write_bytes(b"half a library")
+    seen = []
+
+    def compile_(name, sources, **kwargs):
+        seen.append(((out / "lock").exists(), lib.exists(), kwargs["build_directory"]))
+        lib.write_bytes(b"a library")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", compile_)
+    assert kernels.build() == lib
+    assert seen == [(False, False, str(out))]

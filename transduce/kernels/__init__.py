@@ -41,6 +41,7 @@ naming the sources, the PyTorch version and the CPU. `make install` builds them
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -103,12 +104,38 @@ def build(verbose: bool = False) -> Path:
     from torch.utils.cpp_extension import load
 
     out.mkdir(parents=True, exist_ok=True)
-    log.info("compiling transduce's CPU kernels into %s (once per machine, ~25 s)", out)
-    t = time.perf_counter()
-    load(NAME, [str(f) for f in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
-         is_python_module=False, verbose=verbose)
-    log.info("kernels compiled in %.0f s", time.perf_counter() - t)
+    with _build_lock(out):
+        if lib.exists():  # another process built it while this one waited
+            try:
+                torch.ops.load_library(str(lib))
+                return lib
+            except OSError:  # half written by a build that was killed
+                lib.unlink()
+        # PyTorch's own lock file, left behind by a build that was killed (SIGKILL, OOM, power): every
+        # later build would wait on it forever. Holding our lock, no live build owns it.
+        (out / "lock").unlink(missing_ok=True)
+        log.info("compiling transduce's CPU kernels into %s (once per machine, ~25 s)", out)
+        t = time.perf_counter()
+        load(NAME, [str(f) for f in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out),
+             is_python_module=False, verbose=verbose)
+        log.info("kernels compiled in %.0f s", time.perf_counter() - t)
     return lib
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """One build at a time in `out`, by an OS lock that dies with its process (where fcntl exists)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: PyTorch's lock file alone
+        yield
+        return
+    with open(out / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ops():
