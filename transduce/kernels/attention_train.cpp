@@ -144,6 +144,30 @@ inline void bf16_dots(const uint16_t* x, const uint16_t* rows, int64_t step, int
 
 inline int64_t padded16(int64_t t) { return (t + 15) / 16 * 16; }
 
+// Whether a task's scores are bf16 dot products straight from the rows (bf16 elements, dh known at
+// compile time, a CPU with AVX512-BF16), else float sums against rows laid out transposed.
+template <int DH, typename E>
+constexpr bool kDots =
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+    std::is_same_v<E, uint16_t> && DH > 0;
+#else
+    false;
+#endif
+
+// s[0, tk) = x . row_t: from x's and the rows' elements (kDots), else from x as float (xf) and the
+// rows transposed (mt, dh x tkp); s holds padded16(tk) floats.
+template <int DH, typename E>
+inline void key_sums(const E* x, const float* xf, const E* rows, int64_t step, const float* mt, int64_t tk,
+                     int64_t tkp, int64_t dh, float* s) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (kDots<DH, E>) {
+    bf16_dots<DH>(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(rows), step, tk, s);
+    return;
+  }
+#endif
+  row_sums_any<DH>(xf, mt, tkp, dh, s);
+}
+
 template <int DH, typename E>
 void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mp, int64_t mask_row,
                  int64_t mask_q, int64_t mask_step, bool causal, float scale, const Shape& z, E* op, float* pp) {
@@ -158,20 +182,15 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                 k2 = k.stride(2), v0 = v.stride(0), v1 = v.stride(1), v2 = v.stride(2);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, tq * tk * dh));
   at::parallel_for(0, z.b * z.h, grain, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-    // bf16: the scores straight from the rows by bf16 dot products, no transposed keys
-    constexpr bool kDots = !kFloat && DH > 0;
-#else
-    constexpr bool kDots = false;
-#endif
-    std::vector<float> kt(kDots ? 0 : dh * tkp, 0.f), bias(tkp), s(padded16(tk)), acc_buf(dh);
+    constexpr bool dots = kDots<DH, E>;  // no transposed keys then
+    std::vector<float> kt(dots ? 0 : dh * tkp, 0.f), bias(tkp), s(padded16(tk)), acc_buf(dh);
     std::vector<float> qbuf(kFloat ? 0 : tq * dh), vbuf(kFloat ? 0 : tk * dh);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / z.h, head = u % z.h;
       const E* qr = qp + r * q0 + head * q1;
       const E* kr = kp + r * k0 + head * k1;
       const E* vr = vp + r * v0 + head * v1;
-      if constexpr (!kDots) transpose<DH>(kr, k2, tk, dh, tkp, kt.data());
+      if constexpr (!dots) transpose<DH>(kr, k2, tk, dh, tkp, kt.data());
       // this row's queries and values as float, and the distance between their rows
       const float* qf;
       const float* vf;
@@ -179,7 +198,7 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       if constexpr (kFloat) {
         qf = qr, vf = vr, qs = q2, vs = v2;
       } else {
-        if constexpr (!kDots) rows_to_float<DH>(qr, q2, tq, dh, qbuf.data());
+        if constexpr (!dots) rows_to_float<DH>(qr, q2, tq, dh, qbuf.data());
         rows_to_float<DH>(vr, v2, tk, dh, vbuf.data());
         qf = qbuf.data(), vf = vbuf.data(), qs = vs = dh;
       }
@@ -193,12 +212,7 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t i = 0; i < tq; ++i) {
         if (mask_q != 0 && i > 0) fill_bias(i);
         const int64_t len = causal ? tk - tq + i + 1 : tk;
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-        if constexpr (kDots)
-          bf16_dots<DH>(reinterpret_cast<const uint16_t*>(qr) + i * q2, reinterpret_cast<const uint16_t*>(kr), k2, tk, s.data());
-        else
-#endif
-          row_sums_any<DH>(qf + i * qs, kt.data(), tkp, dh, s.data());
+        key_sums<DH>(qr + i * q2, qf + i * qs, kr, k2, kt.data(), tk, tkp, dh, s.data());
         float top = kMasked;
 #pragma omp simd reduction(max : top)
         for (int64_t t = 0; t < tkp; ++t) {
@@ -247,12 +261,8 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                 v1 = v.stride(1), v2 = v.stride(2);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, tq * tk * dh));
   at::parallel_for(0, z.b * z.h, grain, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-    constexpr bool kDots = !kFloat && DH > 0;  // as in forward_run
-#else
-    constexpr bool kDots = false;
-#endif
-    std::vector<float> vt(kDots ? 0 : dh * tkp, 0.f), dp(padded16(tk)), ds(tq * tk), acc_buf(3 * dh);
+    constexpr bool dots = kDots<DH, E>;  // no transposed values then
+    std::vector<float> vt(dots ? 0 : dh * tkp, 0.f), dp(padded16(tk)), ds(tq * tk), acc_buf(3 * dh);
     // bf16: this row's g, q, k as float
     std::vector<float> gbuf(kFloat ? 0 : tq * dh), qbuf(kFloat ? 0 : tq * dh), kbuf(kFloat ? 0 : tk * dh);
     for (int64_t u = begin; u < end; ++u) {
@@ -261,7 +271,7 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
       const E* qr = qp + r * q0 + head * q1;
       const E* kr = kp + r * k0 + head * k1;
       const E* vr = vp + r * v0 + head * v1;
-      if constexpr (!kDots) transpose<DH>(vr, v2, tk, dh, tkp, vt.data());
+      if constexpr (!dots) transpose<DH>(vr, v2, tk, dh, tkp, vt.data());
       const float* prob = pp + u * tq * tk;
       const float *gf, *qf, *kf;
       int64_t gs, qs, ks;
@@ -282,12 +292,7 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
         const float* __restrict__ p = prob + i * tk;
         float* __restrict__ dsi = ds.data() + i * tk;
         // dP[t] = g_i . v_t; the softmax's gradient dS = P * (dP - sum_t P dP)
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-        if constexpr (kDots)
-          bf16_dots<DH>(reinterpret_cast<const uint16_t*>(gr) + i * g2, reinterpret_cast<const uint16_t*>(vr), v2, tk, dp.data());
-        else
-#endif
-          row_sums_any<DH>(gf + i * gs, vt.data(), tkp, dh, dp.data());
+        key_sums<DH>(gr + i * g2, gf + i * gs, vr, v2, vt.data(), tk, tkp, dh, dp.data());
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t t = 0; t < tk; ++t) dot += p[t] * dp[t];
