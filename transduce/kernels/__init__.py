@@ -349,9 +349,11 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, overwrite: bo
     written over it, the bias's gradient summed on the way). `overwrite`: x is a projection's fresh
     output that nothing else reads, and the derivative goes into its memory. None where the kernel
     does not apply (not a float32 or bfloat16 CPU tensor, or no kernels). GELU in float32: within
-    5e-7 of the exact values; in bf16, PyTorch's bf16 GELU above x = -3, closer to the exact values
-    below (PyTorch's 1 + erf cancels there). Under bf16 the gradient is rounded twice (the
-    derivative, then the product) where PyTorch's rounds once."""
+    5e-7 of the exact values; in bf16, x + bias is rounded to bf16 (as an addmm's output would be)
+    and GELU and its derivative are looked up in a table of their exact values, rounded once
+    (PyTorch's bf16 GELU agrees above x = -3 but for its own float32 rounding, and is less exact
+    below, where its 1 + erf cancels). Under bf16 the gradient is rounded twice (the derivative,
+    then the product) where PyTorch's rounds once."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or ops() is None:
