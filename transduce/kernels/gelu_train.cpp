@@ -60,6 +60,7 @@ namespace {
 using transduce_kernels::load;
 using transduce_kernels::store;
 #ifdef __AVX512F__
+using transduce_kernels::bf16_round16;
 using transduce_kernels::load16;
 using transduce_kernels::store16;
 #endif
@@ -184,17 +185,6 @@ inline void gelu16_bf16(__m512i bits, const uint32_t* table, uint16_t* y, uint16
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(_mm512_srli_epi32(e, 16)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(e));
 }
-
-// v rounded to bf16 (nearest even), as bits zero-extended to 32
-inline __m512i bf16_bits16(__m512 v) {
-#ifdef __AVX512BF16__
-  return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-#else
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-#endif
-}
 #endif
 
 // One bf16 row of GELU by the table; x and d may be the same memory.
@@ -207,7 +197,7 @@ inline void gelu_row_bf16(const uint16_t* x, const float* bias, uint16_t* y, uin
     if (bias == nullptr) {
       bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)));
     } else {
-      bits = bf16_bits16(_mm512_add_ps(load16(x + j), _mm512_loadu_ps(bias + j)));
+      bits = _mm512_cvtepu16_epi32(bf16_round16(_mm512_add_ps(load16(x + j), _mm512_loadu_ps(bias + j))));
     }
     gelu16_bf16(bits, table, y + j, d + j);
   }
