@@ -8,10 +8,11 @@
 // exp(-a^2) with a = |x| / sqrt(2) is sqrt(2 pi) phi(x).
 //
 // In bf16 GELU is a table instead: v rounded to bf16 has 65,536 values, and one 256 KB table holds
-// y and d for each, computed in double precision and rounded once (exact, where the polynomial is
-// within a bf16 step of PyTorch's float32 evaluation). A gather of 16 entries replaces ~35 vector
-// operations: on an AMD EPYC (Zen 4), a (2304, 1024) bf16 pass with a bias went from 1.0 ms to
-// 0.3 ms on two threads, where the polynomial was bound by arithmetic, not memory.
+// y and d for each, computed in double precision and rounded once (exact, where the polynomial
+// could land a bf16 step off). A gather of 16 entries replaces ~35 vector operations, which made
+// the pass bound by arithmetic on an AMD EPYC (Zen 4: 512-bit operations at half rate): a
+// (2304, 1024) bf16 pass with a bias on 2 threads, 1.0 ms -> 0.71-1.04 alone (the spread: the sums
+// reach more of the table than L1 holds), 1.50 -> 0.83 ms inside a training step.
 //
 // Inside a training step these passes are bound by memory, not arithmetic (a (2304, 1024) bf16
 // GELU took 3.3 ms in a step of the G2P model against 0.8 ms on the same tensor kept in cache), so
