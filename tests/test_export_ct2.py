@@ -74,3 +74,19 @@ def test_a_run_reading_and_writing_reversed_exports_with_its_codecs(tmp_path):
     ours = translate(run, sources, beam=1, nbest=1, batch_size=8)
     assert len({o[0] for o in ours}) > 5
     assert ct2.translate(sources) == ours
+
+
+def test_an_empty_output_is_allowed_as_in_our_search(tmp_path):
+    """A model whose first step prefers the end token: our search outputs nothing for those sources,
+    and so does CTranslate2 (its default would forbid the end token at the first step)."""
+    run = fake_run("transformer-prenorm", seed=21)
+    with torch.no_grad():  # push the final state toward the end token's (tied) output row
+        run.model.dec_norm.bias.add_(2 * run.model.output.weight[SPECIALS.index("</s>")])
+    ct2 = CT2Translator(export(run, tmp_path / "ct2"), threads=1)
+    g = random.Random(1)
+    letters = run.source.vocab.itos[4:]
+    sources = ["".join(g.choice(letters) for _ in range(g.randint(1, 9))) for _ in range(40)]
+    ids = [run.source.encode(s) for s in sources]
+    ours = [h[0].tokens for h in decode(run, sources, beam=1, nbest=1, batch_size=16)]
+    assert 0 < sum(not o for o in ours) < len(ours), "some outputs empty, some not"
+    assert [h[0] for h in ct2.translate_ids(ids, beam=1)] == ours

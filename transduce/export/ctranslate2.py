@@ -176,7 +176,9 @@ class CT2Translator:
                                self.meta.get("max_output_len", 1 << 30)))  # as our search: positions
             pending.append((idx, self.translator.translate_batch(
                 [[ct2_symbol(t) for t in sources[i]] for i in idx], beam_size=beam, num_hypotheses=nbest,
-                max_decoding_length=limit, length_penalty=lp if beam > 1 else 0.0,
+                # min_decoding_length: CTranslate2's default (1) forbids the end token at the first
+                # step, where ours allows an empty output
+                max_decoding_length=limit, min_decoding_length=0, length_penalty=lp if beam > 1 else 0.0,
                 suppress_sequences=[[CT2_SPECIALS[0]], [CT2_SPECIALS[2]]], return_end_token=False,
                 asynchronous=True)))
         for idx, results in pending:
