@@ -25,7 +25,7 @@ def fake_run(name: str, seed: int) -> LoadedRun:
 
 
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-shared",
-                                  "transformer-bert-style"])
+                                  "transformer-bert-style", "transformer-postnorm-geglu", "transformer-swiglu"])
 def test_ctranslate2_greedy_matches(tmp_path, name):
     run = fake_run(name, seed=21)
     out = export(run, tmp_path / "ct2")

@@ -1017,6 +1017,122 @@ def test_bias_activation_kernel_refuses_a_second_backward_pass():
         kernels.bias_act(leaf, None, "swish")
 
 
+def exact_act(gate: str, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU or SiLU and its derivative in float64."""
+    if gate == "gelu":
+        cdf = 0.5 * torch.special.erfc(-v / 2 ** 0.5)
+        return v * cdf, cdf + v * torch.exp(-v * v / 2) / (2 * torch.pi) ** 0.5
+    sigma = torch.sigmoid(v)
+    return v * sigma, sigma * (1 + v * (1 - sigma))
+
+
+@pytest.mark.parametrize("gate", ["gelu", "silu"])
+@pytest.mark.parametrize("cols", [64, 37])  # whole vectors; a remainder
+def test_gated_kernel_and_its_gradients(gate, cols):
+    # float32: act(g + b1) * (l + b2) for x = [g | l], and the gradients of x and b against float64
+    g = torch.Generator().manual_seed(7)
+    x64, b64 = 3 * torch.randn(5, 9, 2 * cols, generator=g, dtype=torch.float64), torch.randn(2 * cols, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 9, cols, generator=g, dtype=torch.float64)
+    leaf, bias = x64.float().requires_grad_(), b64.float().requires_grad_()
+    y = kernels.bias_act(leaf * 1, bias, gate, overwrite=True, glu=True)
+    assert y is not None and y.dtype == torch.float32 and y.shape == (5, 9, cols)
+    ref_x, ref_b = x64.float().double().requires_grad_(), b64.float().double().requires_grad_()
+    gate_in, lin = (ref_x + ref_b).chunk(2, dim=-1)
+    ref = (F.gelu if gate == "gelu" else F.silu)(gate_in) * lin
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-6, atol=1e-5)
+    gx, gb = torch.autograd.grad(y, (leaf, bias), w.float())
+    rx, rb = torch.autograd.grad(ref, (ref_x, ref_b), w)
+    assert gx.shape == leaf.shape and gb.shape == bias.shape
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-5, atol=2e-5 * w.abs().max().item())
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-4)
+
+
+def equal_but_subnormals(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    """y == ref, but where ref is subnormal y may be zero: a product the kernel rounds to bf16 by
+    AVX512-BF16's conversion, which flushes subnormals (values below 1.2e-38)."""
+    sub = (ref != 0) & (ref.float().abs() < torch.finfo(torch.float32).tiny)
+    return torch.equal(y[~sub], ref[~sub]) and bool(((y[sub] == ref[sub]) | (y[sub] == 0)).all())
+
+
+@pytest.mark.parametrize("gate", ["gelu", "silu"])
+def test_gated_kernel_in_bf16_is_the_exact_activation_rounded_once(gate):
+    # every bf16 gate value with a linear half of ones: act(g) and act'(g) exact in float64, rounded
+    # once, for all 65,536 inputs (the products by the ones may flush subnormals); infinities give
+    # their limits, NaN stays NaN
+    x = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = x.isfinite()
+    h = torch.cat([x, torch.ones_like(x)]).requires_grad_() * 1
+    y = kernels.bias_act(h, None, gate, overwrite=True, glu=True)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    value, slope = exact_act(gate, x[finite].double())
+    assert equal_but_subnormals(y[finite], bf16_nearest(value))
+    d_gate, d_lin = h.detach().chunk(2)  # the forward pass left [act'(g) * l | act(g)] in h
+    assert equal_but_subnormals(d_gate[finite], bf16_nearest(slope))
+    assert torch.equal(d_lin[finite], bf16_nearest(value))
+    assert torch.equal(y[~finite & ~x.isnan()], torch.tensor([0.0, float("inf")]).bfloat16())  # -inf, inf
+    assert y[x.isnan()].isnan().all()
+
+
+@pytest.mark.parametrize("gate", ["gelu", "silu"])
+@pytest.mark.parametrize("cols", [96, 37])  # whole vectors; a remainder
+def test_gated_kernel_in_bf16_rounds_as_pytorch_would(gate, cols):
+    # bf16 with a float32 bias: each half plus its bias rounded to bf16 (an addmm's output), the
+    # activation's exact value rounded to bf16 (its output), times the linear half rounded again (a
+    # bf16 product); the gradients the stored halves times the incoming gradient, each rounded once,
+    # the bias's gradient their sums
+    g = torch.Generator().manual_seed(8)
+    x = (3 * torch.randn(41, 2 * cols, generator=g)).bfloat16()
+    bias = torch.randn(2 * cols, generator=g)
+    h = x.clone().requires_grad_() * 1
+    b = bias.clone().requires_grad_()
+    y = kernels.bias_act(h, b, gate, overwrite=True, glu=True)
+    v = (x.float() + bias).bfloat16()
+    gate_in, lin = v.double().chunk(2, dim=-1)
+    value, slope = exact_act(gate, gate_in)
+    a = bf16_nearest(value)
+    assert torch.equal(y, (a.float() * lin.float()).bfloat16())
+    stored = h.detach().clone()
+    assert torch.equal(stored, torch.cat([(bf16_nearest(slope).float() * lin.float()).bfloat16(), a], dim=-1))
+    w = torch.randn(41, cols, generator=g).bfloat16()
+    gx, gb = torch.autograd.grad(y, (h, b), w)
+    products = stored.float() * torch.cat([w, w], dim=-1).float()
+    assert torch.equal(gx, products.bfloat16())
+    torch.testing.assert_close(gb, products.sum(0), rtol=1e-5, atol=1e-4)  # of the products before rounding
+    # PyTorch's own bf16 GLU: within a bf16 step or two
+    ref_x = v.clone().requires_grad_()
+    rg, rl = ref_x.chunk(2, dim=-1)
+    ref = (F.gelu if gate == "gelu" else F.silu)(rg) * rl
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize("act", ["geglu", "swiglu"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gated_feed_forward_trains_on_the_kernel_as_on_pytorch(monkeypatch, act, bf16):
+    # a training step of a Transformer with gated feed-forward blocks: the same loss and gradients
+    # with the kernel as with PyTorch's GELU / SiLU times the linear half
+    from conftest import SRC_V, TGT_V, tiny_transformer
+
+    from transduce.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_transformer(activation=act, norm="post"), SRC_V, TGT_V).train()
+    ff = model.encoder[0].ff
+    assert ff.up.out_features == 2 * ff.down.in_features == 2 * 64
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, 0.0, 0.5)
+    assert step_with_and_without(monkeypatch, model, "bias_act", bf16) == 4
+
+
+def test_gated_kernel_declines_what_it_does_not_do():
+    with pytest.raises(ValueError, match="unknown gated activation 'relu'; choose from"):
+        kernels.bias_act(torch.randn(4, 8), None, "relu", glu=True)
+    with pytest.raises(ValueError, match="unknown activation 'silu'"):
+        kernels.bias_act(torch.randn(4, 8), None, "silu")
+    with pytest.raises(RuntimeError, match="last dimension must be even"):
+        kernels.bias_act(torch.randn(4, 7, requires_grad=True), None, "gelu", glu=True)
+
+
 @pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_projection_gradient_comes_whole_from_the_kernel(monkeypatch, cross, dtype):

@@ -5,8 +5,10 @@ converter in between). Our layout maps one to one: fused q/k/v in
 self-attention, q and fused k/v in cross-attention, sinusoidal (interleaved)
 or learned positions given to CTranslate2 as an explicit table, embeddings
 scaled by sqrt(d_model) or not, with or without a LayerNorm after them
-(BART/BERT-style stacks), our LayerNorm epsilon. Vocabulary symbols are written as the symbols' ids
-("0", "1", ...) so any symbol, including a space, survives the round trip;
+(BART/BERT-style stacks), our LayerNorm epsilon, gated feed-forward blocks
+(GEGLU, SwiGLU) as CTranslate2's GLU (the up-projection's gate and linear
+halves). Vocabulary symbols are written as the symbols' ids ("0", "1", ...)
+so any symbol, including a space, survives the round trip;
 `CT2Translator` maps text to those ids and back with our codecs.
 """
 from __future__ import annotations
@@ -47,6 +49,23 @@ def _linear(spec, linear: torch.nn.Linear) -> None:
         spec.bias = _np(linear.bias)
 
 
+def _ffn(spec, ff) -> None:
+    """A feed-forward block; a gated one's up-projection splits into CTranslate2's gate (linear_0,
+    activated) and linear (linear_0_noact) halves."""
+    if ff.gated:
+        n = ff.down.in_features
+        for part, half in ((spec.linear_0, slice(0, n)), (spec.linear_0_noact, slice(n, 2 * n))):
+            part.weight = _np(ff.up.weight[half])
+            if ff.up.bias is not None:
+                part.bias = _np(ff.up.bias[half])
+    else:
+        _linear(spec.linear_0, ff.up)
+    _linear(spec.linear_1, ff.down)
+
+
+_ACTIVATIONS = {"relu": ("RELU", False), "gelu": ("GELU", False), "geglu": ("GELU", True), "swiglu": ("SWISH", True)}
+
+
 def _norm(spec, norm: torch.nn.LayerNorm) -> None:
     spec.gamma = _np(norm.weight)
     spec.beta = _np(norm.bias)
@@ -65,10 +84,10 @@ def build_spec(model):
     c = model.config
     if c.family != "transformer":
         raise ValueError(f"CTranslate2 export supports the transformer family, not {c.family!r}")
+    activation, glu = _ACTIVATIONS[c.activation]
     spec = transformer_spec.TransformerSpec.from_config(
         (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=c.norm == "pre",
-        activation=common_spec.Activation.GELU if c.activation == "gelu" else common_spec.Activation.RELU,
-        layernorm_embedding=c.embed_norm)
+        activation=getattr(common_spec.Activation, activation), ffn_glu=glu, layernorm_embedding=c.embed_norm)
     enc, dec = spec.encoder, spec.decoder
     enc.embeddings[0].weight = _np(model.src_embed.tokens.weight)
     enc.position_encodings.encodings = _positions(model.src_embed)
@@ -87,8 +106,7 @@ def build_spec(model):
         _linear(theirs.self_attention.linear[0], ours.attn.qkv)
         _linear(theirs.self_attention.linear[1], ours.attn.out)
         _norm(theirs.self_attention.layer_norm, ours.r1.norm)
-        _linear(theirs.ffn.linear_0, ours.ff.up)
-        _linear(theirs.ffn.linear_1, ours.ff.down)
+        _ffn(theirs.ffn, ours.ff)
         _norm(theirs.ffn.layer_norm, ours.r2.norm)
     for ours, theirs in zip(model.decoder, dec.layer):
         _linear(theirs.self_attention.linear[0], ours.self_attn.qkv)
@@ -98,8 +116,7 @@ def build_spec(model):
         _linear(theirs.attention.linear[1], ours.cross_attn.kv)
         _linear(theirs.attention.linear[2], ours.cross_attn.out)
         _norm(theirs.attention.layer_norm, ours.r2.norm)
-        _linear(theirs.ffn.linear_0, ours.ff.up)
-        _linear(theirs.ffn.linear_1, ours.ff.down)
+        _ffn(theirs.ffn, ours.ff)
         _norm(theirs.ffn.layer_norm, ours.r3.norm)
     dec.projection.weight = _np(model.output.weight)
     return spec

@@ -317,7 +317,8 @@ def dropout(x: torch.Tensor, threshold: int) -> torch.Tensor | None:
     return _Dropout.apply(x, seed, threshold, 256.0 / (256 - threshold))
 
 
-ACTIVATIONS = {"relu": 1, "gelu": 2}  # gelu_train.cpp's codes
+ACTIVATIONS = {"relu": 1, "gelu": 2, "silu": 3}  # gelu_train.cpp's codes
+GATED = ("gelu", "silu")  # the gates bias_act's `glu` takes: GEGLU and SwiGLU
 
 
 class _BiasAct(torch.autograd.Function):
@@ -326,8 +327,9 @@ class _BiasAct(torch.autograd.Function):
     sums the bias's gradient as it goes."""
 
     @staticmethod
-    def forward(ctx, x, bias, act, overwrite):
-        y, d = ops().bias_act_train(x, None if bias is None else bias.float(), ACTIVATIONS[act], overwrite)
+    def forward(ctx, x, bias, act, overwrite, glu):
+        op = ops().bias_glu_train if glu else ops().bias_act_train
+        y, d = op(x, None if bias is None else bias.float(), ACTIVATIONS[act], overwrite)
         ctx.d = d  # not save_for_backward: the backward pass writes over it, so it runs once
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -340,10 +342,11 @@ class _BiasAct(torch.autograd.Function):
                                "over the derivative it keeps (backward with retain_graph=True is not supported here)")
         want_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
         dx, db = ops().act_backward(grad.contiguous(), d, want_bias)
-        return dx, db.to(ctx.bias_dtype) if want_bias else None, None, None
+        return dx, db.to(ctx.bias_dtype) if want_bias else None, None, None, None
 
 
-def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, overwrite: bool = False) -> torch.Tensor | None:
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, overwrite: bool = False,
+             glu: bool = False) -> torch.Tensor | None:
     """act(x + bias) (act "relu" or "gelu", the erf form) for a pass that needs gradients: one pass each
     way that moves as few bytes as it can (the derivative written by the forward pass, the gradient
     written over it, the bias's gradient summed on the way). `overwrite`: x is a projection's fresh
@@ -353,14 +356,20 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, overwrite: bo
     and GELU and its derivative are looked up in a table of their exact values, rounded once
     (PyTorch's bf16 GELU agrees above x = -3 but for its own float32 rounding, and is less exact
     below, where its 1 + erf cancels). Under bf16 the gradient is rounded twice (the derivative,
-    then the product) where PyTorch's rounds once."""
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
+    then the product) where PyTorch's rounds once.
+
+    `glu`: a gated linear unit (act "gelu": GEGLU, "silu": SwiGLU; Shazeer 2020): x's last
+    dimension holds the gate's projection, then the linear one's, and the result is act(gate) *
+    linear, of half x's width; the forward pass keeps act'(gate) * linear and act(gate) where the
+    derivative would be."""
+    if act not in (GATED if glu else ("relu", "gelu")):
+        kind = "gated " if glu else ""
+        raise ValueError(f"unknown {kind}activation {act!r}; choose from {sorted(GATED if glu else ('relu', 'gelu'))}")
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or ops() is None:
         return None
     if overwrite and not x.is_contiguous():
         overwrite = False
-    return _BiasAct.apply(x, bias, act, overwrite)
+    return _BiasAct.apply(x, bias, act, overwrite, glu)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor | None:

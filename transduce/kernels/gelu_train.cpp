@@ -1,5 +1,6 @@
 // GELU (the erf form) or ReLU for training, with the preceding projection's bias: the forward pass
-// writes the derivative beside the output, so the backward pass is a product.
+// writes the derivative beside the output, so the backward pass is a product. Gated units (GEGLU,
+// SwiGLU) likewise: the forward pass keeps both factors of the gradient.
 //
 // PyTorch's GELU keeps its input for the backward pass, which evaluates erf and exp there again:
 // forward and backward each cost a transcendental evaluation per element. Here one pass per element
@@ -32,8 +33,16 @@
 //     to bf16 (as PyTorch's addmm rounds its output with the bias added) and y and d are the exact
 //     values rounded to nearest even; infinities give their limits (0 and 0 at -inf, inf and 1 at
 //     inf), NaN gives NaN. ReLU: y = max(v, 0), d = 1 where v > 0, else 0.
+//   bias_glu_train(x, bias, act, overwrite) -> (y, d)
+//     A gated linear unit (GEGLU with act 2, SwiGLU with act 3; Shazeer 2020): x (..., 2n) holds the
+//     gate's projection in its first n columns and the linear one's in its last n; bias (2n) or None.
+//     With g and l those halves plus their biases (each rounded to bf16 in bf16), y (..., n) =
+//     act(g) l and d (..., 2n) = [act'(g) l | act(g)], each rounded once to x's dtype (act(g) itself
+//     first, as PyTorch's bf16 activation output is); d is written into x when `overwrite`. SiLU:
+//     y = v sigma(v), d = sigma(v) (1 + v (1 - sigma(v))); in bf16 both by a table, as GELU.
 //   act_backward(g, d, bias_grad) -> (dx, db)
 //     g and d contiguous, of one shape and dtype: dx = g * d, written into d (which is returned);
+//     or d of twice g's last dimension (a gated unit's): dx = [g * d1 | g * d2] for d's halves;
 //     db = dx summed over every dimension but the last, in float32 and a fixed order (blocks of
 //     rows, then the blocks one after another: the same bits on any thread count), or an empty
 //     tensor when not `bias_grad`.
@@ -123,7 +132,7 @@ inline void relu16(__m512 v, T* y, T* d) {
 }
 #endif
 
-enum Act : int64_t { kRelu = 1, kGelu = 2 };
+enum Act : int64_t { kRelu = 1, kGelu = 2, kSilu = 3 };
 
 // The bf16 value nearest to v (ties to even), by comparing the float32 rounding's neighbours in
 // double precision: rounding v to float32 first could land on a bf16 tie and round it the wrong way.
@@ -152,31 +161,51 @@ uint16_t bf16_nearest(double v) {
   return static_cast<uint16_t>(best);
 }
 
-// Entry i: (y << 16) | d for the bf16 value whose bits are i.
-const uint32_t* gelu_bf16_table() {
-  static const std::vector<uint32_t> table = [] {
-    std::vector<uint32_t> t(65536);
-    for (uint32_t i = 0; i < 65536; ++i) {
-      const uint32_t exponent = (i >> 7) & 0xFFu, mantissa = i & 0x7Fu;
-      uint32_t y, d;
-      if (exponent == 0xFFu && mantissa != 0) {  // NaN (tested on the bits: built with -ffast-math)
-        y = d = 0x7FC0u;
-      } else if (exponent == 0xFFu) {  // infinities: their limits
-        y = (i & 0x8000u) ? 0u : i;
-        d = (i & 0x8000u) ? 0u : 0x3F80u;
-      } else {
-        const uint32_t u = i << 16;
-        float f;
-        std::memcpy(&f, &u, sizeof f);
-        const double v = f, cdf = 0.5 * std::erfc(-v / std::sqrt(2.0));
-        y = bf16_nearest(v * cdf);
-        d = bf16_nearest(cdf + v * std::exp(-0.5 * v * v) / std::sqrt(2.0 * M_PI));
-      }
-      t[i] = (y << 16) | d;
+// GELU or SiLU and their derivatives at v, in double precision.
+void act_exact(int64_t act, double v, double& y, double& d) {
+  if (act == kGelu) {
+    const double cdf = 0.5 * std::erfc(-v / std::sqrt(2.0));
+    y = v * cdf;
+    d = cdf + v * std::exp(-0.5 * v * v) / std::sqrt(2.0 * M_PI);
+  } else {  // SiLU; for v far below 0, exp(-v) is inf and sigma 0
+    const double sigma = 1.0 / (1.0 + std::exp(-v));
+    y = v * sigma;
+    d = sigma * (1.0 + v * (1.0 - sigma));
+  }
+}
+
+// Entry i: (y << 16) | d for the bf16 value whose bits are i; act kGelu or kSilu.
+std::vector<uint32_t> make_bf16_table(int64_t act) {
+  std::vector<uint32_t> t(65536);
+  for (uint32_t i = 0; i < 65536; ++i) {
+    const uint32_t exponent = (i >> 7) & 0xFFu, mantissa = i & 0x7Fu;
+    uint32_t y, d;
+    if (exponent == 0xFFu && mantissa != 0) {  // NaN (tested on the bits: built with -ffast-math)
+      y = d = 0x7FC0u;
+    } else if (exponent == 0xFFu) {  // infinities: their limits
+      y = (i & 0x8000u) ? 0u : i;
+      d = (i & 0x8000u) ? 0u : 0x3F80u;
+    } else {
+      const uint32_t u = i << 16;
+      float f;
+      std::memcpy(&f, &u, sizeof f);
+      double yv, dv;
+      act_exact(act, f, yv, dv);
+      y = bf16_nearest(yv);
+      d = bf16_nearest(dv);
     }
-    return t;
-  }();
-  return table.data();
+    t[i] = (y << 16) | d;
+  }
+  return t;
+}
+
+const uint32_t* act_bf16_table(int64_t act) {
+  if (act == kSilu) {
+    static const std::vector<uint32_t> silu = make_bf16_table(kSilu);
+    return silu.data();
+  }
+  static const std::vector<uint32_t> gelu = make_bf16_table(kGelu);
+  return gelu.data();
 }
 
 // GELU of 16 bf16 values (bits zero-extended to 32) by the table: y and d stored as bf16.
@@ -224,6 +253,14 @@ inline void gelu1(float v, float& y, float& d) {
   d = phi + v * e * 0.39894228f;                     // Phi + x phi, phi = e / sqrt(2 pi)
 }
 
+inline void silu1(float v, float& y, float& d) {
+  const float e = exp_neg(std::max(-std::fabs(v), -80.f));  // exp(-|v|)
+  const float r = 1.f / (1.f + e);
+  const float sigma = v < 0.f ? e * r : r;
+  y = v * sigma;
+  d = sigma * (1.f + v * (1.f - sigma));
+}
+
 // One row of n elements. x and d may be the same memory: each element is read before it is written.
 template <int64_t A, typename T>
 inline void act_row(const T* x, const float* bias, T* y, T* d, int64_t n) {
@@ -253,7 +290,7 @@ inline void act_row(const T* x, const float* bias, T* y, T* d, int64_t n) {
 template <int64_t A, typename T>
 void act_rows(const T* x, const float* bias, T* y, T* d, int64_t rows, int64_t n) {
   const uint32_t* table = nullptr;
-  if constexpr (A == kGelu && std::is_same_v<T, uint16_t>) table = gelu_bf16_table();
+  if constexpr (A == kGelu && std::is_same_v<T, uint16_t>) table = act_bf16_table(kGelu);
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if constexpr (A == kGelu && std::is_same_v<T, uint16_t>) {
@@ -265,24 +302,86 @@ void act_rows(const T* x, const float* bias, T* y, T* d, int64_t rows, int64_t n
   });
 }
 
-// dx = g * d over rows [r0, r1), into d; the products added to acc (n) when given.
+// One row of a gated unit: x (2n: gate, then linear) -> y (n) and d (2n: act'(g) l, then act(g)).
+// x and d may be the same memory: each element is read before it is written.
 template <typename T>
-void backward_rows(const T* g, T* d, int64_t r0, int64_t r1, int64_t n, float* acc) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* gr = g + r * n;
-    T* dr = d + r * n;
+inline void glu_row(const T* x, const float* bias, T* y, T* d, int64_t n, int64_t act, const uint32_t* table) {
+  const float* lbias = bias == nullptr ? nullptr : bias + n;
+  if constexpr (std::is_same_v<T, uint16_t>) {
     int64_t j = 0;
 #ifdef __AVX512F__
     for (; j + 16 <= n; j += 16) {
-      const __m512 v = _mm512_mul_ps(load16(gr + j), load16(dr + j));
-      store16(dr + j, v);
-      if (acc != nullptr) _mm512_storeu_ps(acc + j, _mm512_add_ps(_mm512_loadu_ps(acc + j), v));
+      __m256i g16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+      if (bias != nullptr) g16 = bf16_round16(_mm512_add_ps(load16(x + j), _mm512_loadu_ps(bias + j)));
+      __m512 l = load16(x + n + j);
+      if (bias != nullptr)  // rounded to bf16, as the projection's output with its bias would be
+        l = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(bf16_round16(_mm512_add_ps(l, _mm512_loadu_ps(lbias + j)))), 16));
+      const __m512i e = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(g16), reinterpret_cast<const int*>(table), 4);
+      const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(e, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      const __m512 da = _mm512_castsi512_ps(_mm512_slli_epi32(e, 16));
+      store16(y + j, _mm512_mul_ps(a, l));
+      store16(d + j, _mm512_mul_ps(da, l));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + n + j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(e, 16)));
     }
 #endif
     for (; j < n; ++j) {
-      const float v = load(gr + j) * load(dr + j);
-      store(dr + j, v);
-      if (acc != nullptr) acc[j] += v;
+      uint16_t gbits = x[j], lbits = x[n + j];
+      if (bias != nullptr) {
+        store(&gbits, load(x + j) + bias[j]);
+        store(&lbits, load(x + n + j) + lbias[j]);
+      }
+      const uint32_t e = table[gbits];
+      const uint16_t abits = static_cast<uint16_t>(e >> 16), dbits = static_cast<uint16_t>(e & 0xFFFFu);
+      const float l = load(&lbits);
+      store(y + j, load(&abits) * l);
+      store(d + j, load(&dbits) * l);
+      d[n + j] = abits;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float g = x[j] + (bias == nullptr ? 0.f : bias[j]);
+      const float l = x[n + j] + (bias == nullptr ? 0.f : lbias[j]);
+      float a, da;
+      if (act == kGelu) gelu1(g, a, da); else silu1(g, a, da);
+      y[j] = a * l;
+      d[j] = da * l;
+      d[n + j] = a;
+    }
+  }
+}
+
+template <typename T>
+void glu_rows(const T* x, const float* bias, T* y, T* d, int64_t rows, int64_t n, int64_t act) {
+  const uint32_t* table = std::is_same_v<T, uint16_t> ? act_bf16_table(act) : nullptr;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(2 * n, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) glu_row(x + r * 2 * n, bias, y + r * n, d + r * 2 * n, n, act, table);
+  });
+}
+
+// dx = g * d over rows [r0, r1), into d; the products added to acc when given. A row of d holds
+// `parts` segments of n (2 for a gated unit's), each multiplied by g's row; acc holds parts * n.
+template <typename T>
+void backward_rows(const T* g, T* d, int64_t r0, int64_t r1, int64_t n, int64_t parts, float* acc) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* gr = g + r * n;
+    for (int64_t part = 0; part < parts; ++part) {
+      T* dr = d + (r * parts + part) * n;
+      float* ac = acc == nullptr ? nullptr : acc + part * n;
+      int64_t j = 0;
+#ifdef __AVX512F__
+      for (; j + 16 <= n; j += 16) {
+        const __m512 v = _mm512_mul_ps(load16(gr + j), load16(dr + j));
+        store16(dr + j, v);
+        if (ac != nullptr) _mm512_storeu_ps(ac + j, _mm512_add_ps(_mm512_loadu_ps(ac + j), v));
+      }
+#endif
+      for (; j < n; ++j) {
+        const float v = load(gr + j) * load(dr + j);
+        store(dr + j, v);
+        if (ac != nullptr) ac[j] += v;
+      }
     }
   }
 }
@@ -291,43 +390,56 @@ void backward_rows(const T* g, T* d, int64_t r0, int64_t r1, int64_t n, float* a
 constexpr int64_t kBlockRows = 64;
 
 template <typename T>
-void act_backward_typed(const T* g, T* d, int64_t rows, int64_t n, float* db) {
+void act_backward_typed(const T* g, T* d, int64_t rows, int64_t n, int64_t parts, float* db) {
   if (db == nullptr) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
-      backward_rows(g, d, r0, r1, n, nullptr);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(parts * n, 1)), [&](int64_t r0, int64_t r1) {
+      backward_rows(g, d, r0, r1, n, parts, nullptr);
     });
     return;
   }
-  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
-  std::vector<float> partial(static_cast<size_t>(blocks * n), 0.f);
+  const int64_t width = parts * n, blocks = (rows + kBlockRows - 1) / kBlockRows;
+  std::vector<float> partial(static_cast<size_t>(blocks * width), 0.f);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      backward_rows(g, d, b * kBlockRows, std::min(rows, (b + 1) * kBlockRows), n, partial.data() + b * n);
+      backward_rows(g, d, b * kBlockRows, std::min(rows, (b + 1) * kBlockRows), n, parts, partial.data() + b * width);
   });
   for (int64_t b = 0; b < blocks; ++b) {
-    const float* p = partial.data() + b * n;
+    const float* p = partial.data() + b * width;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) db[j] += p[j];
+    for (int64_t j = 0; j < width; ++j) db[j] += p[j];
   }
+}
+
+// x (made contiguous) and the float32 bias (or nullptr) of a training activation kernel, checked.
+struct ActInput {
+  at::Tensor x, bias_tensor;
+  const float* bias = nullptr;
+};
+
+ActInput act_input(const char* name, const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in,
+                   bool overwrite, int64_t bias_len) {
+  TORCH_CHECK(x_in.device().is_cpu() && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              name, ": float32 or bfloat16 CPU tensors only");
+  TORCH_CHECK(x_in.dim() >= 1, name, ": x needs at least one dimension");
+  TORCH_CHECK(!overwrite || x_in.is_contiguous(), name, ": overwrite needs a contiguous x");
+  ActInput in{x_in.contiguous(), at::Tensor()};
+  if (bias_in.has_value() && bias_in->defined()) {
+    in.bias_tensor = bias_in->contiguous();
+    TORCH_CHECK(in.bias_tensor.scalar_type() == at::kFloat && in.bias_tensor.dim() == 1 && in.bias_tensor.size(0) == bias_len,
+                name, ": bias must be float32 of shape (", bias_len, "), got ", in.bias_tensor.scalar_type(), " ",
+                in.bias_tensor.sizes());
+    in.bias = in.bias_tensor.data_ptr<float>();
+  }
+  return in;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_act_train(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in,
                                                   int64_t act, bool overwrite) {
-  TORCH_CHECK(x_in.device().is_cpu() && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
-              "bias_act_train: float32 or bfloat16 CPU tensors only");
   TORCH_CHECK(act == kRelu || act == kGelu, "bias_act_train: act must be 1 (ReLU) or 2 (GELU), got ", act);
-  TORCH_CHECK(x_in.dim() >= 1, "bias_act_train: x needs at least one dimension");
-  TORCH_CHECK(!overwrite || x_in.is_contiguous(), "bias_act_train: overwrite needs a contiguous x");
-  const at::Tensor x = x_in.contiguous();
+  const ActInput in = act_input("bias_act_train", x_in, bias_in, overwrite, x_in.dim() >= 1 ? x_in.size(-1) : 0);
+  const at::Tensor& x = in.x;
+  const float* bias = in.bias;
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
-  const float* bias = nullptr;
-  at::Tensor b;
-  if (bias_in.has_value() && bias_in->defined()) {
-    b = bias_in->contiguous();
-    TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == n,
-                "bias_act_train: bias must be float32 of shape (", n, "), got ", b.scalar_type(), " ", b.sizes());
-    bias = b.data_ptr<float>();
-  }
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto d = overwrite ? x : at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.scalar_type() == at::kFloat) {
@@ -344,20 +456,46 @@ std::tuple<at::Tensor, at::Tensor> bias_act_train(const at::Tensor& x_in, const 
   return {y, d};
 }
 
+std::tuple<at::Tensor, at::Tensor> bias_glu_train(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in,
+                                                  int64_t act, bool overwrite) {
+  TORCH_CHECK(act == kGelu || act == kSilu, "bias_glu_train: act must be 2 (GEGLU) or 3 (SwiGLU), got ", act);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) % 2 == 0, "bias_glu_train: x's last dimension must be even (gate, "
+              "then linear), got ", x_in.sizes());
+  const ActInput in = act_input("bias_glu_train", x_in, bias_in, overwrite, x_in.size(-1));
+  const at::Tensor& x = in.x;
+  const int64_t n = x.size(-1) / 2, rows = n == 0 ? 0 : x.numel() / (2 * n);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  auto y = at::empty(shape, x.options());
+  auto d = overwrite ? x : at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.scalar_type() == at::kFloat) {
+    glu_rows(x.data_ptr<float>(), in.bias, y.data_ptr<float>(), d.data_ptr<float>(), rows, n, act);
+  } else {
+    glu_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), in.bias,
+             reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()),
+             reinterpret_cast<uint16_t*>(d.data_ptr<c10::BFloat16>()), rows, n, act);
+  }
+  return {y, d};
+}
+
 std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& g, const at::Tensor& d, bool bias_grad) {
   TORCH_CHECK(g.device().is_cpu() && d.device().is_cpu() && g.scalar_type() == d.scalar_type() &&
               (g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16),
               "act_backward: g and d must be CPU tensors of one dtype, float32 or bfloat16");
-  TORCH_CHECK(g.sizes() == d.sizes() && g.is_contiguous() && d.is_contiguous() && d.dim() >= 1,
-              "act_backward: g and d must be contiguous and of one shape, got ", g.sizes(), " and ", d.sizes());
-  const int64_t n = d.size(-1), rows = n == 0 ? 0 : d.numel() / n;
-  at::Tensor db = bias_grad ? at::zeros({n}, d.options().dtype(at::kFloat)) : at::empty({0}, d.options().dtype(at::kFloat));
+  TORCH_CHECK(g.is_contiguous() && d.is_contiguous() && d.dim() >= 1 && g.dim() == d.dim() &&
+              g.sizes().slice(0, g.dim() - 1) == d.sizes().slice(0, d.dim() - 1) &&
+              (d.size(-1) == g.size(-1) || d.size(-1) == 2 * g.size(-1)),
+              "act_backward: g and d must be contiguous, of one shape or d of twice g's last dimension, got ",
+              g.sizes(), " and ", d.sizes());
+  const int64_t n = g.size(-1), parts = d.size(-1) == n ? 1 : 2, rows = n == 0 ? 0 : g.numel() / n;
+  at::Tensor db = bias_grad ? at::zeros({parts * n}, d.options().dtype(at::kFloat))
+                            : at::empty({0}, d.options().dtype(at::kFloat));
   float* dbp = bias_grad ? db.data_ptr<float>() : nullptr;
   if (d.scalar_type() == at::kFloat) {
-    act_backward_typed(g.data_ptr<float>(), d.data_ptr<float>(), rows, n, dbp);
+    act_backward_typed(g.data_ptr<float>(), d.data_ptr<float>(), rows, n, parts, dbp);
   } else {
     act_backward_typed(reinterpret_cast<const uint16_t*>(g.data_ptr<c10::BFloat16>()),
-                       reinterpret_cast<uint16_t*>(d.data_ptr<c10::BFloat16>()), rows, n, dbp);
+                       reinterpret_cast<uint16_t*>(d.data_ptr<c10::BFloat16>()), rows, n, parts, dbp);
   }
   return {d, db};
 }
@@ -371,5 +509,6 @@ std::tuple<at::Tensor, at::Tensor> gelu_train(const at::Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(transduce, m) {
   m.def("gelu_train(Tensor x) -> (Tensor, Tensor)", &gelu_train);
   m.def("bias_act_train(Tensor x, Tensor? bias, int act, bool overwrite) -> (Tensor, Tensor)", &bias_act_train);
+  m.def("bias_glu_train(Tensor x, Tensor? bias, int act, bool overwrite) -> (Tensor, Tensor)", &bias_glu_train);
   m.def("act_backward(Tensor g, Tensor d, bool bias_grad) -> (Tensor, Tensor)", &act_backward);
 }

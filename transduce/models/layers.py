@@ -220,14 +220,40 @@ class _SplitHeads(torch.autograd.Function):
                           for g in grads], dim=-1), None, None
 
 
+class GatedActivation(nn.Module):
+    """A gated linear unit's activation (Shazeer 2020, "GLU Variants Improve Transformer"): the last
+    dimension holds the gate's projection, then the linear one's; act(gate) * linear, half as wide.
+    GEGLU (T5 v1.1's "gated-gelu") gates by GELU, SwiGLU (LLaMA's) by SiLU."""
+
+    def __init__(self, gate: str):
+        super().__init__()
+        self.gate = gate  # "gelu" or "silu"
+        self.fn = F.gelu if gate == "gelu" else F.silu
+
+    def forward(self, x):
+        g, lin = x.chunk(2, dim=-1)
+        return self.fn(g) * lin
+
+    def extra_repr(self) -> str:
+        return f"gate={self.gate}"
+
+
+GATED_ACTIVATIONS = {"geglu": "gelu", "swiglu": "silu"}  # model.activation -> the gate's function
+
+
 class FeedForward(nn.Module):
+    """down(act(up(x))). With a gated activation ("geglu", "swiglu") `up` projects to 2 * ff (the gate's
+    columns, then the linear ones') and the activation gates one half by the other: at ff_dim 2/3 of
+    a plain block's, the same parameters and multiplications."""
+
     def __init__(self, d: int, ff: int, dropout: float, activation: str):
         super().__init__()
-        self.up = nn.Linear(d, ff)
+        self.gated = GATED_ACTIVATIONS.get(activation)  # the gate's function, or None
+        self.up = nn.Linear(d, 2 * ff if self.gated else ff)
         self.down = nn.Linear(ff, d)
-        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = GatedActivation(self.gated) if self.gated else nn.GELU() if activation == "gelu" else nn.ReLU()
         self.dropout = Dropout(dropout)
-        self.gelu = activation == "gelu"
+        self.kernel_act = self.gated or activation  # bias_act's name for it
 
     def forward(self, x):
         up = self.up
@@ -235,7 +261,7 @@ class FeedForward(nn.Module):
             # training: the projection without its bias, then the bias and activation in one kernel pass
             # each way, the derivative kept in the projection's output (docs/benchmarks.md)
             h = F.linear(x, up.weight)
-            a = kernels.bias_act(h, up.bias, "gelu" if self.gelu else "relu", overwrite=True)
+            a = kernels.bias_act(h, up.bias, self.kernel_act, overwrite=True, glu=self.gated is not None)
             if a is None:
                 a = self.act(h if up.bias is None else h + up.bias)
         else:

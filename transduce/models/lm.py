@@ -46,7 +46,7 @@ class StackConfig:
     ff_dim: int = 1024               # inner width of the feed-forward blocks
     dropout: float = 0.1             # on embeddings, residual branches and feed-forward
     attention_dropout: float = 0.0   # on attention probabilities
-    activation: Literal["relu", "gelu"] = "gelu"
+    activation: Literal["relu", "gelu", "geglu", "swiglu"] = "gelu"  # geglu, swiglu: gated (models/layers.py)
     norm: Literal["pre", "post"] = "pre"  # pre-norm trains stably without long warmup
     positions: Literal["sinusoidal", "learned"] = "learned"
     max_positions: int = 1024        # longest source + target (with its <s>) the model accepts

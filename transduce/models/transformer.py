@@ -30,7 +30,7 @@ class EncoderStackConfig:
     dropout: float = 0.1             # on embeddings and residual branches
     activation_dropout: float = 0.0  # inside the feed-forward block (costly on CPU, rarely needed)
     attention_dropout: float = 0.0   # on attention probabilities
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu", "geglu", "swiglu"] = "relu"  # geglu, swiglu: gated (models/layers.py)
     norm: Literal["pre", "post"] = "pre"  # pre-norm trains stably without long warmup
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     max_positions: int = 1024        # longest source or target the model accepts
