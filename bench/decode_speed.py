@@ -116,6 +116,9 @@ def main():
     print(f"{n} test words, batch {args.batch}, {args.threads} threads, {args.workers} worker(s), "
           f"fastest of {args.repeat} runs, malloc {'keeping freed memory' if kept else 'as the system set it'}")
     print(steal.report())
+    if not args.skip_hf:
+        from hf_bart import describe
+        print(describe(run.config.model))
     print("| system | beam | words/s | test WER % |")
     print("|---|---:|---:|---:|")
     for name, beam, wps, wer in rows:

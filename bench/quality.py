@@ -5,7 +5,8 @@
 `--ours` is a transduce run of recipes/g2p_cmudict.yaml trained for the same
 minutes (`transduce train recipes/g2p_cmudict.yaml --out runs/g2p10 --set
 train.max_minutes=10`). The HF model is a `BartForConditionalGeneration`
-of the recipe's sizes, random init, fp32, trained on the same data, the same
+of the recipe's sizes (its feed-forward blocks plain GELU of the same parameters
+as the recipe's gated ones: bench/hf_bart.py), random init, fp32, trained on the same data, the same
 token-budget batches, the same schedule (warmup, then inverse square root or a
 cosine decay over the rest of the time budget, as the run's config says), label
 smoothing and clipping, for the same wall-clock budget (evaluation excluded;
@@ -31,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from hf_bart import bart
+from hf_bart import bart, describe
 from transduce import metrics as M
 from transduce.data.pipeline import epoch_batches, group_references, load_splits
 from transduce.data.vocab import PAD
@@ -139,6 +140,7 @@ def main():
     print(f"G2P test ({len(words)} words), {args.minutes:g} minutes of training, HF on {trained['threads']} "
           f"threads{', with ' + ' '.join(trained['set']) if trained.get('set') else ''}; "
           f"transduce {run.state.get('step')} steps, HF {steps} steps ({tps:,.0f} tok/s)")
+    print(describe(run.config.model))
     print("| system | beam | WER % | PER % | WER % no stress | PER % no stress |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, beam, r in rows:

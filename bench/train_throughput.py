@@ -1,4 +1,5 @@
-"""Training throughput: transduce vs Hugging Face BART of the same sizes, same batches, same threads.
+"""Training throughput: transduce vs Hugging Face BART of the same sizes, same batches, same threads
+(for a gated model, BART of the same parameters: bench/hf_bart.py).
 
     python bench/train_throughput.py [--steps 30] [--threads 2] [--pairs 256] [--repeat 3] [--set model.d_model=256 ...]
 
@@ -145,6 +146,8 @@ def main():
             for dtype in peak:
                 peak[dtype] = max(peak[dtype], matmul_peak(args.threads, dtype))
     print(steal.report())
+    from hf_bart import describe
+    print(describe(cfg.model))
     print(f"matmul peak (2048^3, {args.threads} threads, fastest of {args.repeat + 1}): "
           + ", ".join(f"{str(d).removeprefix('torch.')} {v / 1e9:.0f} GFLOP/s" for d, v in peak.items()))
     print(f"fastest of {args.repeat} rounds per system, run in turns")
