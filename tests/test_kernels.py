@@ -515,21 +515,35 @@ def test_int8_linear_kernel_is_the_pytorch_arithmetic(monkeypatch, bias):
     assert 0 < err < 0.02  # int8, so not exact, but within a few quanta
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_int8_ffn_is_up_activation_down(act):
-    from torch import nn
+FFN_ACTS = {"relu": 1, "gelu": 2, "geglu": 3, "swiglu": 4}  # the feed-forward kernels' activation codes
 
+
+def ffn_activation(act: str):
+    from torch import nn
+    from transduce.models.layers import GATED_ACTIVATIONS, GatedActivation
+
+    return GatedActivation(GATED_ACTIVATIONS[act]) if act in GATED_ACTIVATIONS else nn.ReLU() if act == "relu" \
+        else nn.GELU()
+
+
+@pytest.mark.parametrize("act", list(FFN_ACTS))
+def test_int8_ffn_is_up_activation_down(act):
     g = torch.Generator().manual_seed(4)
-    _, up = int8_weights(48, 16, g)
+    gated = act in ("geglu", "swiglu")  # up projects to the gate's 48 columns, then the linear half's
+    _, up = int8_weights(96 if gated else 48, 16, g)
     _, down = int8_weights(16, 48, g)
     x = torch.randn(300, 16, generator=g)  # rows in blocks of 128, the last one short
-    fn = nn.ReLU() if act == "relu" else nn.GELU()
-    fast = kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, {"relu": 1, "gelu": 2}[act], down.qweight,
-                                  down.scale)
-    slow = down.unbiased(fn(up(x)))[0]  # layer by layer, the hidden layer stored as float32
-    torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-3)
+    fast = kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, FFN_ACTS[act], down.qweight, down.scale)
+    hidden = ffn_activation(act)(up(x))
+    slow = down.unbiased(hidden)[0]  # layer by layer, the hidden layer stored as float32
+    # the kernel's erf differs from PyTorch's in float32's last bits, which may move a hidden value
+    # across an int8 rounding boundary: one quantum of a row's hidden layer through down's weights
+    quantum = hidden.abs().amax(1, keepdim=True) / 127 * (down.qweight.float() * down.scale[:, None]).abs().max()
+    diff = (fast - slow).abs()
+    assert (diff <= 1.01 * quantum + 1e-5).all()
+    assert (diff > 1e-4).float().mean() < 0.005  # and rarely
     with pytest.raises(RuntimeError, match="act must be"):
-        kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, 3, down.qweight, down.scale)
+        kernels.ops().int8_ffn(x, up.qweight, up.scale, up.bias, 5, down.qweight, down.scale)
     with pytest.raises(RuntimeError, match="weight must be int8"):
         kernels.ops().int8_ffn(x, down.qweight, down.scale, down.bias, 1, up.qweight, up.scale)
 
@@ -587,7 +601,7 @@ def test_int8_ffn_on_tiles_is_the_same_arithmetic(act):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("act", list(FFN_ACTS))
 @pytest.mark.parametrize("rows", [1, 128, 300])
 def test_float_ffn_is_up_activation_down(act, rows):
     from transduce.models.layers import FeedForward
@@ -596,9 +610,12 @@ def test_float_ffn_is_up_activation_down(act, rows):
     ff = FeedForward(16, 48, 0.0, act)  # parameters that require gradients, as a model's do
     x = torch.randn(rows, 16)
     with torch.no_grad():
-        fast = kernels.ops().ffn(x, ff.up.weight, ff.up.bias, {"relu": 1, "gelu": 2}[act], ff.down.weight)
+        fast = kernels.ops().ffn(x, ff.up.weight, ff.up.bias, FFN_ACTS[act], ff.down.weight)
         slow = ff(x) - ff.down.bias
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    if act in ("geglu", "swiglu"):  # the up projection's rows are the gate's and the linear half's: 2 x 48
+        with pytest.raises(RuntimeError, match="weights must be float32"):
+            kernels.ops().ffn(x, ff.up.weight, ff.up.bias, FFN_ACTS[act], ff.up.weight)
 
 
 def test_gelu_of_the_ffn_kernel_is_exact_gelu():

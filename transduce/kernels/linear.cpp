@@ -15,7 +15,10 @@
 //   w        (N, K) int8 contiguous: round(W / w_scale), |w| <= 127
 //   w_scale  (N,) float32: max |W[n, :]| / 127
 //   bias     (N,) float32 or empty
-//   act      0: none, 1: ReLU, 2: GELU (erf form)
+//   act      0: none, 1: ReLU, 2: GELU (erf form); gated (Shazeer 2020), the up projection's rows
+//            the gate's then the linear half's, the hidden layer act(gate) * linear, half as wide:
+//            3: GEGLU (GELU gate), 4: SwiGLU (SiLU gate). Gated blocks run on the _int_mm path and
+//            in float32, not on AMX tiles (models/transformer.py takes the modules' path there).
 //
 // Per row: s = max|x| / 127, q = round(x * (127 / max|x|)) (half to even; a zero row gives zeros);
 // y[m, n] = acc[m, n] * (s[m] * w_scale[n]) + bias[n]. models/quantize.py does the same with
@@ -49,7 +52,9 @@
 
 namespace {
 
-enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2 };
+enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeglu = 3, kSwiglu = 4 };
+
+inline bool gated(int64_t act) { return act == kGeglu || act == kSwiglu; }
 
 // Quantize one row of k floats into o; returns its scale.
 inline float quantize_row(const float* __restrict__ a, int64_t k, int8_t* __restrict__ o) {
@@ -77,6 +82,23 @@ inline float gelu(float x) {
   p *= p;
   const float e = 1.f - 1.f / p;  // erf(|z|)
   return 0.5f * x * (1.f + (z < 0.f ? -e : e));
+}
+
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+// o[0, f) = gate(h[j]) * h[f + j]: a gated unit's hidden row from its up projection's (2f wide, bias added)
+inline void gate_row(const float* __restrict__ h, int64_t f, int64_t act, float* __restrict__ o) {
+  if (act == kGeglu) {
+#pragma omp simd
+    for (int64_t j = 0; j < f; ++j) o[j] = gelu(h[j]) * h[f + j];
+  } else {
+    for (int64_t j = 0; j < f; ++j) o[j] = silu(h[j]) * h[f + j];
+  }
+}
+
+void check_act(int64_t act, const char* what) {
+  TORCH_CHECK(act >= kNone && act <= kSwiglu, what, ": act must be 0 (none), 1 (ReLU), 2 (GELU), 3 (GEGLU) or ",
+              "4 (SwiGLU), got ", act);
 }
 
 void check_weight(const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias, int64_t k, const char* what) {
@@ -432,12 +454,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& b1,
                     int64_t act, const at::Tensor& w2, const at::Tensor& s2) {
   check_input(x, "int8_ffn");
-  TORCH_CHECK(act == kNone || act == kRelu || act == kGelu, "int8_ffn: act must be 0, 1 or 2");
+  check_act(act, "int8_ffn");
 #ifdef TRANSDUCE_AMX
-  if (w1.dim() == 3 && w2.dim() == 3) return tiles::ffn(x, w1, s1, b1, act, w2, s2);
+  if (w1.dim() == 3 && w2.dim() == 3) {
+    TORCH_CHECK(!gated(act), "int8_ffn: gated activations (3, 4) do not run on packed (AMX) weights");
+    return tiles::ffn(x, w1, s1, b1, act, w2, s2);
+  }
 #endif
   check_weight(w1, s1, b1, x.size(1), "int8_ffn (up)");
-  const int64_t m = x.size(0), k = x.size(1), f = w1.size(0), d = w2.size(0);
+  // gated: up has 2f rows (gate, linear), the hidden layer f
+  const int64_t m = x.size(0), k = x.size(1), u = w1.size(0), f = gated(act) ? u / 2 : u, d = w2.size(0);
+  TORCH_CHECK(!gated(act) || u % 2 == 0, "int8_ffn: a gated block's up projection needs an even number of rows");
   check_weight(w2, s2, at::Tensor(), f, "int8_ffn (down)");
   auto out = at::empty({m, d}, x.options());
   const at::Tensor w1t = w1.t(), w2t = w2.t();
@@ -451,16 +478,21 @@ at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     auto q = at::empty({kBlock, k}, x.options().dtype(at::kChar));
     auto hq = at::empty({kBlock, f}, x.options().dtype(at::kChar));
-    std::vector<float> hidden(f);
+    std::vector<float> hidden(f), wide(gated(act) ? u : 0);
     float scale[kBlock], hscale[kBlock];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kBlock, rows = std::min(kBlock, m - r0);
-      const at::Tensor acc = block_product(xp + r0 * xs, xs, rows, k, q, scale, w1t);  // (rows, F) int32
-      // the hidden layer: int32 sums -> float32 + bias -> activation -> int8, a row at a time
+      const at::Tensor acc = block_product(xp + r0 * xs, xs, rows, k, q, scale, w1t);  // (rows, U) int32
+      // the hidden layer: int32 sums -> float32 + bias -> activation (or gate) -> int8, a row at a time
       const int32_t* ap = acc.data_ptr<int32_t>();
       int8_t* hp = hq.data_ptr<int8_t>();
       for (int64_t r = 0; r < rows; ++r) {
-        dequantize_row(ap + r * f, scale[r], ws1, bp1, f, act, hidden.data());
+        if (gated(act)) {
+          dequantize_row(ap + r * u, scale[r], ws1, bp1, u, kNone, wide.data());
+          gate_row(wide.data(), f, act, hidden.data());
+        } else {
+          dequantize_row(ap + r * f, scale[r], ws1, bp1, f, act, hidden.data());
+        }
         hscale[r] = quantize_row(hidden.data(), f, hp + r * f);
       }
       const at::Tensor acc2 = at::_int_mm(hq.narrow(0, 0, rows), w2t);  // (rows, D) int32
@@ -478,13 +510,14 @@ at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
 // and after the activation).
 at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, int64_t act, const at::Tensor& w2) {
   check_input(x, "ffn");
-  const int64_t m = x.size(0), k = x.size(1), f = w1.size(0), d = w2.size(0);
+  check_act(act, "ffn");
+  // gated: up has U = 2F rows (gate, linear), the hidden layer F
+  const int64_t m = x.size(0), k = x.size(1), u = w1.size(0), f = gated(act) ? u / 2 : u, d = w2.size(0);
   TORCH_CHECK(w1.scalar_type() == at::kFloat && w1.dim() == 2 && w1.size(1) == k && w2.scalar_type() == at::kFloat &&
-                  w2.dim() == 2 && w2.size(1) == f,
-              "ffn: weights must be float32 (F, K) and (D, F) with K = the input's width");
-  TORCH_CHECK(!b1.defined() || !b1.numel() || (b1.scalar_type() == at::kFloat && b1.numel() == f && b1.is_contiguous()),
-              "ffn: bias must be float32 (F,) or empty");
-  TORCH_CHECK(act == kNone || act == kRelu || act == kGelu, "ffn: act must be 0, 1 or 2");
+                  w2.dim() == 2 && w2.size(1) == f && (!gated(act) || u % 2 == 0),
+              "ffn: weights must be float32 (U, K) and (D, F) with K = the input's width, U = F (2F if gated)");
+  TORCH_CHECK(!b1.defined() || !b1.numel() || (b1.scalar_type() == at::kFloat && b1.numel() == u && b1.is_contiguous()),
+              "ffn: bias must be float32 (U,) or empty");
   auto out = at::empty({m, d}, x.options());
   // detached: the worker threads run with autograd's default (enabled) mode, and out= ops refuse
   // inputs that require gradients
@@ -494,9 +527,19 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1_) {
     for (int64_t blk = b0; blk < b1_; ++blk) {
       const int64_t r0 = blk * kBlock, rows = std::min(kBlock, m - r0);
-      at::Tensor h = at::mm(xd.narrow(0, r0, rows), w1t);  // (rows, F)
+      at::Tensor h = at::mm(xd.narrow(0, r0, rows), w1t);  // (rows, U)
       float* hp = h.data_ptr<float>();
-      for (int64_t r = 0; r < rows; ++r) activate_row(hp + r * f, bp1, f, act);
+      if (gated(act)) {
+        at::Tensor hg = at::empty({rows, f}, h.options());
+        float* gp = hg.data_ptr<float>();
+        for (int64_t r = 0; r < rows; ++r) {
+          activate_row(hp + r * u, bp1, u, kNone);
+          gate_row(hp + r * u, f, act, gp + r * f);
+        }
+        h = hg;
+      } else {
+        for (int64_t r = 0; r < rows; ++r) activate_row(hp + r * f, bp1, f, act);
+      }
       at::Tensor dst = out.narrow(0, r0, rows);
       at::mm_out(dst, h, w2t);
     }

@@ -10,8 +10,8 @@ from torch import nn
 
 from transduce import kernels
 from transduce.models.base import EncoderDecoderModel, EncoderOutput
-from transduce.models.layers import (Attention, Embedding, FeedForward, Residual, bf16_twin, init_weights,
-                                     reorder_cache)
+from transduce.models.layers import (Attention, Embedding, FeedForward, GatedActivation, Residual, bf16_twin,
+                                     init_weights, reorder_cache)
 from transduce.models.quantize import Int8Linear
 
 
@@ -190,18 +190,21 @@ def _ffn(ops, ff: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """(down(act(up(x))) without down's bias, down's bias), for the next kernel to add: one kernel
     call, in row blocks whose hidden layer stays in cache (an int8 copy's as int8)."""
     up, down, act = ff.up, ff.down, ff.act
-    code = _ACTS.get((type(act), getattr(act, "approximate", "none")))
+    code = _GATES.get(act.gate) if type(act) is GatedActivation else _ACTS.get(
+        (type(act), getattr(act, "approximate", "none")))
     if code is not None and type(up) is type(down):
         if type(up) is nn.Linear:
             return (ops.ffn(x, up.weight, _EMPTY if up.bias is None else up.bias, code, down.weight),
                     _EMPTY if down.bias is None else down.bias)
         if type(up) is Int8Linear:
             (w1, s1, b1), (w2, s2, b2) = up.packed, down.packed
-            return ops.int8_ffn(x, w1, s1, b1, code, w2, s2), b2
+            if code < 3 or w1.dim() == 2:  # gated units are not on the AMX tiles' path (packed, 3-D weights)
+                return ops.int8_ffn(x, w1, s1, b1, code, w2, s2), b2
     return _unbiased(ff.down, ff.act(_linear(ff.up, x)))
 
 
 _ACTS = {(nn.ReLU, "none"): 1, (nn.GELU, "none"): 2}  # the feed-forward kernels' activation codes
+_GATES = {"gelu": 3, "silu": 4}  # and their gated units' (GEGLU, SwiGLU), by the gate's function
 
 
 def _norm(norm: nn.LayerNorm) -> tuple:
