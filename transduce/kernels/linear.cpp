@@ -17,8 +17,7 @@
 //   bias     (N,) float32 or empty
 //   act      0: none, 1: ReLU, 2: GELU (erf form); gated (Shazeer 2020), the up projection's rows
 //            the gate's then the linear half's, the hidden layer act(gate) * linear, half as wide:
-//            3: GEGLU (GELU gate), 4: SwiGLU (SiLU gate). Gated blocks run on the _int_mm path and
-//            in float32, not on AMX tiles (models/transformer.py takes the modules' path there).
+//            3: GEGLU (GELU gate), 4: SwiGLU (SiLU gate).
 //
 // Per row: s = max|x| / 127, q = round(x * (127 / max|x|)) (half to even; a zero row gives zeros);
 // y[m, n] = acc[m, n] * (s[m] * w_scale[n]) + bias[n]. models/quantize.py does the same with
@@ -373,8 +372,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_
 
 at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& b1, int64_t act,
                const at::Tensor& w2, const at::Tensor& s2) {
-  const int64_t m = x.size(0), k = x.size(1), kp = round_up(k, kDepth), f = s1.numel(), fp = round_up(f, kDepth);
-  const int64_t d = s2.numel();
+  // gated: up has u = 2f columns (gate, linear), the hidden layer f
+  const int64_t m = x.size(0), k = x.size(1), kp = round_up(k, kDepth), u = s1.numel();
+  TORCH_CHECK(!gated(act) || u % 2 == 0, "int8_ffn: a gated block's up projection needs an even number of rows");
+  const int64_t f = gated(act) ? u / 2 : u, fp = round_up(f, kDepth), d = s2.numel();
   check_packed(w1, s1, b1, k, "int8_ffn (up)");
   check_packed(w2, s2, at::Tensor(), f, "int8_ffn (down)");
   auto out = at::empty({m, d}, x.options());
@@ -385,14 +386,24 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, 
     const Config config;
     _tile_loadconfig(&config);
     std::vector<int8_t> a(kRows * kp, 0), hq(kRows * fp, 0);
-    std::vector<float> hidden(kRows * f);
+    std::vector<float> hidden(kRows * f), wide(gated(act) ? kRows * u : 0);
     float scale[kRows], hscale[kRows];
     for (int64_t blk = b0; blk < b1_; ++blk) {
       const int64_t rows = quantize_rows(xp, x.stride(0), m, blk * kRows, k, kp, a.data(), scale);
-      float top[kRows] = {};
-      rows_times(a.data(), kp, scale, rows, w1.data_ptr<int8_t>(), f, s1.data_ptr<float>(), bp1, act,
-                 hidden.data(), f, top);
-      for (int64_t r = 0; r < rows; ++r) hscale[r] = quantize_known(hidden.data() + r * f, f, top[r], hq.data() + r * fp);
+      if (gated(act)) {  // the block's 2f-wide rows (bias added), gated row by row into f-wide ones
+        rows_times(a.data(), kp, scale, rows, w1.data_ptr<int8_t>(), u, s1.data_ptr<float>(), bp1, kNone,
+                   wide.data(), u);
+        for (int64_t r = 0; r < rows; ++r) {
+          gate_row(wide.data() + r * u, f, act, hidden.data() + r * f);
+          hscale[r] = quantize_row(hidden.data() + r * f, f, hq.data() + r * fp);
+        }
+      } else {
+        float top[kRows] = {};
+        rows_times(a.data(), kp, scale, rows, w1.data_ptr<int8_t>(), f, s1.data_ptr<float>(), bp1, act,
+                   hidden.data(), f, top);
+        for (int64_t r = 0; r < rows; ++r)
+          hscale[r] = quantize_known(hidden.data() + r * f, f, top[r], hq.data() + r * fp);
+      }
       rows_times(hq.data(), fp, hscale, rows, w2.data_ptr<int8_t>(), d, s2.data_ptr<float>(), nullptr, kNone,
                  op + blk * kRows * d, d);
     }
@@ -456,10 +467,7 @@ at::Tensor int8_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   check_input(x, "int8_ffn");
   check_act(act, "int8_ffn");
 #ifdef TRANSDUCE_AMX
-  if (w1.dim() == 3 && w2.dim() == 3) {
-    TORCH_CHECK(!gated(act), "int8_ffn: gated activations (3, 4) do not run on packed (AMX) weights");
-    return tiles::ffn(x, w1, s1, b1, act, w2, s2);
-  }
+  if (w1.dim() == 3 && w2.dim() == 3) return tiles::ffn(x, w1, s1, b1, act, w2, s2);
 #endif
   check_weight(w1, s1, b1, x.size(1), "int8_ffn (up)");
   // gated: up has 2f rows (gate, linear), the hidden layer f

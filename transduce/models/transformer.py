@@ -198,8 +198,7 @@ def _ffn(ops, ff: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
                     _EMPTY if down.bias is None else down.bias)
         if type(up) is Int8Linear:
             (w1, s1, b1), (w2, s2, b2) = up.packed, down.packed
-            if code < 3 or w1.dim() == 2:  # gated units are not on the AMX tiles' path (packed, 3-D weights)
-                return ops.int8_ffn(x, w1, s1, b1, code, w2, s2), b2
+            return ops.int8_ffn(x, w1, s1, b1, code, w2, s2), b2
     return _unbiased(ff.down, ff.act(_linear(ff.up, x)))
 
 
