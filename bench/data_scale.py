@@ -2,7 +2,7 @@
 
     python bench/data_scale.py [--pairs 5000000] [--steps 300] [--threads 2] [--out runs/bench_scale]
 
-Writes OUT/train.tsv once (PAIRS lines: CMUdict words and pronunciations,
+Writes OUT/trainPAIRS.tsv once (PAIRS lines: CMUdict words and pronunciations,
 each made distinct by a random letter suffix with matching phonemes, so the
 file is as varied as real data of that size and nothing is deduplicated),
 then runs `transduce train` on it with the G2P recipe's model for STEPS
