@@ -649,10 +649,15 @@ def avx512() -> bool:
     return {"avx512f", "avx512bw", "avx512vl"} <= flags
 
 
-@pytest.mark.skipif(not avx512(), reason="the AMX path's own vector code needs AVX-512 (F, BW, VL)")
-def test_tiles_path_on_emulated_tiles(tmp_path):
-    # linear.cpp built once more with tests/amx_emulation.h: the AMX path's code (packing, blocks,
-    # quantization, gated units) on tiles in software, on any CPU with AVX-512
+LINEAR_OPS = ("int8_linear", "int8_ffn", "ffn", "int8_tiles", "int8_pack")  # linear.cpp's
+
+
+@pytest.fixture(scope="module")
+def emulated_tiles(tmp_path_factory):
+    """linear.cpp built once more with tests/amx_emulation.h: the AMX path's code (packing, blocks,
+    quantization, gated units) on tiles in software, on any CPU with AVX-512; its ops."""
+    if not avx512():
+        pytest.skip("the AMX path's own vector code needs AVX-512 (F, BW, VL)")
     from pathlib import Path
 
     from torch.utils.cpp_extension import load
@@ -662,15 +667,64 @@ def test_tiles_path_on_emulated_tiles(tmp_path):
     load(ns, [str(Path(kernels.__file__).with_name("linear.cpp"))],
          extra_cflags=["-O2", "-march=native", "-mamx-tile", "-mamx-int8", "-fopenmp", "-ffast-math",
                        "-include", str(shim), f"-Dtransduce={ns}"],
-         extra_ldflags=kernels.LDFLAGS, build_directory=str(tmp_path), is_python_module=False)
+         extra_ldflags=kernels.LDFLAGS, build_directory=str(tmp_path_factory.mktemp("amx")), is_python_module=False)
     o = getattr(torch.ops, ns)
     assert o.int8_tiles()
-    check_pack_layout(o)
+    return o
+
+
+def test_tiles_path_on_emulated_tiles(emulated_tiles):
+    check_pack_layout(emulated_tiles)
     for shape in LINEAR_SHAPES:
-        check_linear_on_tiles(o, *shape)
+        check_linear_on_tiles(emulated_tiles, *shape)
     for act in FFN_ACTS:
-        check_ffn_on_tiles(o, act)
-    check_gelu_is_exact(o, pack=True)
+        check_ffn_on_tiles(emulated_tiles, act)
+    check_gelu_is_exact(emulated_tiles, pack=True)
+
+
+class MixedOps:
+    """The kernels with linear.cpp's ops taken from another build (the emulated tiles')."""
+
+    def __init__(self, linear, rest):
+        self.linear, self.rest, self.called = linear, rest, set()
+
+    def __getattr__(self, name):
+        self.called.add(name)
+        return getattr(self.linear if name in LINEAR_OPS else self.rest, name)
+
+
+@pytest.mark.parametrize("name", ["transformer-postnorm-geglu", "transformer-swiglu", "transformer-prenorm"])
+def test_int8_model_decodes_on_emulated_tiles_as_on_int_mm(monkeypatch, emulated_tiles, name):
+    # models/transformer.py and models/quantize.py with packed (3-D) weights, gated blocks included:
+    # the encoder and the decoding step as the same model's on the _int_mm path
+    from conftest import make_model
+
+    from transduce.models.quantize import quantize
+
+    src = torch.randint(3, 13, (5, 7), generator=torch.Generator().manual_seed(1))
+    src[1, 4:] = 0
+
+    def decode():
+        model = quantize(make_model(name))
+        model.kernel_cache_dtype = None
+        with torch.no_grad():
+            memory = model.encode(src, src != 0)
+            state = model.init_state(memory, 1, 6)
+            logits = [model.step(tok, state)[0] for tok in torch.randint(3, 11, (4, 5),
+                                                                         generator=torch.Generator().manual_seed(2))]
+        packed = {m.packed[0].dim() for m in model.modules() if hasattr(m, "packed")}
+        return memory.states, torch.cat(logits), packed
+
+    monkeypatch.setitem(kernels._state, "tiles", False)  # where the CPU has AMX too
+    want_states, want, flat = decode()
+    mixed = MixedOps(emulated_tiles, kernels.ops())
+    monkeypatch.setitem(kernels._state, "ops", mixed)
+    monkeypatch.setitem(kernels._state, "tiles", True)
+    states, got, packed = decode()
+    assert flat == {2} and packed == {3}
+    assert "int8_ffn" in mixed.called  # feed-forward blocks fused on the packed weights, gated ones too
+    torch.testing.assert_close(states, want_states, **INT8_TOL)
+    torch.testing.assert_close(got, want, **INT8_TOL)
 
 
 @pytest.mark.parametrize("act", list(FFN_ACTS))
