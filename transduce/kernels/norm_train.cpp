@@ -104,6 +104,9 @@ void backward_rows(const float* gp, const uint16_t* hp, const float* xp, const Y
   at::parallel_for(0, blocks, std::max<int64_t>(1, 1024 / (kBlock * d) + 1), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(2 * d);
     std::vector<uint64_t> words(d / 8 + 2);
+    // A local copy: read through the lambda's captured reference, GCC reloaded the pointer in every
+    // lane of the simd loop below (a gather of pointers, then of floats: 1.4x this pass's time).
+    const float* __restrict__ w = wp;
     float* __restrict__ xh = buf.data();
     float* __restrict__ gt = buf.data() + d;
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -128,7 +131,7 @@ void backward_rows(const float* gp, const uint16_t* hp, const float* xp, const Y
         for (int64_t i = 0; i < d; ++i) {
           const float xn = (xh[i] - mean) * rstd;
           xh[i] = xn;
-          const float gw = gt[i] * wp[i];
+          const float gw = gt[i] * w[i];
           s1 += gw;
           s2 += gw * xn;
           pw[i] += gt[i] * xn;
@@ -138,7 +141,7 @@ void backward_rows(const float* gp, const uint16_t* hp, const float* xp, const Y
         s2 *= inv_d;
         float* __restrict__ dx = dxp + at;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) dx[i] = rstd * (gt[i] * wp[i] - s1 - xh[i] * s2);
+        for (int64_t i = 0; i < d; ++i) dx[i] = rstd * (gt[i] * w[i] - s1 - xh[i] * s2);
         Y* __restrict__ dy = dyp + at;
         if (thr > 0) {
           // dropout.cpp's backward on the gradient as y's dtype holds it
