@@ -36,12 +36,34 @@ from hf_bart import bart, describe
 from transduce import metrics as M
 from transduce.data.pipeline import epoch_batches, group_references, load_splits
 from transduce.data.vocab import PAD
-from transduce.config import load_config
+from transduce.config import DECAYS, load_config
 from transduce.inference import decode, load_codecs, load_run
 from transduce.training.schedule import lr_at
 from transduce.training.trainer import sequence_loss
 
 METRICS = ["wer", "per", "wer_nostress", "per_nostress"]
+
+
+class ClockSchedule:
+    """The learning rate as transduce's trainer sets it: warmup, then the config's schedule; a decaying
+    one (cosine, linear) without train.max_steps decays with the clock from the end of warmup to the
+    end of the time budget, whatever the speed."""
+
+    def __init__(self, tc, minutes: float):
+        self.tc, self.budget = tc, minutes * 60
+        self.by_clock = tc.schedule in DECAYS and not tc.max_steps
+        self.decay_start = None  # seconds into the run when warmup ended
+
+    def lr(self, step: int, clock: float) -> float:
+        progress = None
+        if self.by_clock:
+            start = clock if self.decay_start is None else self.decay_start  # still warming up: not used
+            progress = (clock - start) / max(1e-9, self.budget - start)
+        return lr_at(step, self.tc, progress=progress)
+
+    def stepped(self, steps_done: int, clock: float):
+        if self.decay_start is None and steps_done >= max(1, self.tc.warmup_steps):
+            self.decay_start = clock
 
 
 def train_hf(run, minutes: float, out: Path):
@@ -55,14 +77,12 @@ def train_hf(run, minutes: float, out: Path):
     model = bart(cfg.model, max(len(run.source.vocab), len(run.target.vocab))).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
     step, epoch, tokens, t0 = 0, 0, 0, time.monotonic()
-    # A cosine schedule over the time budget decays with the clock from the end of warmup, as ours does.
-    time_planned, decay_start = tc.schedule == "cosine" and not tc.max_steps, None
+    schedule = ClockSchedule(tc, minutes)
     while time.monotonic() - t0 < minutes * 60:
         for _, b in epoch_batches(data, tc.batch_tokens, tc.max_batch_pairs, tc.seed, epoch):
+            lr = schedule.lr(step, time.monotonic() - t0)
             for g in opt.param_groups:
-                clock = time.monotonic() - t0
-                progress = None if decay_start is None else (clock - decay_start) / (minutes * 60 - decay_start)
-                g["lr"] = lr_at(step, tc, progress=progress)
+                g["lr"] = lr
             logits = model(input_ids=b.src, attention_mask=b.src_mask.long(), decoder_input_ids=b.tgt_in,
                            decoder_attention_mask=(b.tgt_in != PAD).long()).logits
             loss = sequence_loss(logits, b.labels, tc.label_smoothing) / b.n_tgt_tokens
@@ -72,8 +92,7 @@ def train_hf(run, minutes: float, out: Path):
             opt.zero_grad(set_to_none=True)
             step += 1
             tokens += b.n_src_tokens + b.n_tgt_tokens
-            if time_planned and step == max(1, tc.warmup_steps):
-                decay_start = time.monotonic() - t0
+            schedule.stepped(step, time.monotonic() - t0)
             if step % 50 == 0:
                 s = time.monotonic() - t0
                 print(f"HF step {step} loss {loss.item():.4f} {tokens / s:.0f} tok/s {s / 60:.1f} min", flush=True)

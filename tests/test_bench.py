@@ -112,3 +112,34 @@ def test_families(toy, tmp_path):
     (row,) = table(out)
     assert row["family"] == "transformer" and 0 <= number(row["WER %"]) <= 100
     assert (tmp_path / "families" / "toy" / "checkpoints" / "index.json").exists()
+
+
+def test_quality_schedule_follows_the_clock_as_ours():
+    """HF's learning rate in bench/quality.py: the recipe's linear schedule over a time budget decays
+    with the clock from the end of warmup, as the trainer's does (not to its floor right after warmup)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from quality import ClockSchedule
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from transduce.config import load_config
+    from transduce.training.schedule import lr_at
+
+    for schedule in ("linear", "cosine"):
+        tc = load_config(ROOT / "recipes" / "g2p_cmudict.yaml", [f"train.schedule={schedule}"]).train
+        assert tc.max_steps == 0 and tc.warmup_steps == 150 and tc.max_minutes == 10
+        s = ClockSchedule(tc, 10)
+        assert s.lr(0, 0.0) == lr_at(0, tc)  # warmup by the update
+        for step in range(1, 150):
+            s.stepped(step, step * 0.1)
+        assert s.lr(149, 14.9) == tc.lr * 150 / 150
+        s.stepped(150, 15.0)  # warmup ends 15 s into 600
+        assert s.lr(150, 15.0) == pytest.approx(tc.lr)
+        half = 15.0 + (600 - 15.0) / 2
+        assert s.lr(5000, half) == pytest.approx(lr_at(5000, tc, progress=0.5))  # the clock, not the updates
+        assert s.lr(5000, half) > 0.4 * tc.lr
+        assert s.lr(9000, 600.0) == pytest.approx(tc.lr * tc.min_lr_ratio)
+    tc = load_config(ROOT / "recipes" / "g2p_cmudict.yaml", ["train.max_steps=1000"]).train
+    s = ClockSchedule(tc, 10)
+    s.stepped(150, 1.0)
+    assert s.lr(575, 2.0) == pytest.approx(lr_at(575, tc))  # max_steps: by the update
