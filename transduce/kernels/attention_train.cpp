@@ -65,23 +65,45 @@ E* elements_mut(const at::Tensor& t) {
 
 
 #ifdef __AVX512F__
-// out[0, 16 NV) = sum_j w[j * ws] x_j[0, 16 NV), x_j = x + j * xs, j < n, skipping zero weights: a
-// weighted sum of n rows in NV registers, stored once.
-template <int NV, typename E>
-inline void weighted_rows16(const float* w, int64_t ws, const float* x, int64_t xs, int64_t n, E* out) {
-  __m512 acc[NV];
+// R weighted sums of the same n rows at once: out_r[0, 16 NV) = sum_j w[r * wr + j * wj] x_j[0, 16 NV)
+// for r < R, out_r = out + r * os. Each row x_j is loaded once for all R sums, and the R * NV sums are
+// independent chains of FMAs (one sum alone waits on its previous FMA's latency at every row: the
+// rows here are 5-30 positions). Zero weights are not skipped.
+template <int NV, int R, typename E>
+inline void weighted_block16(const float* w, int64_t wr, int64_t wj, const float* x, int64_t xs, int64_t n, E* out,
+                             int64_t os) {
+  __m512 acc[R][NV];
 #pragma GCC unroll 8
-  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
-    const float wi = w[i * ws];
-    if (wi == 0.f) continue;
-    const __m512 b = _mm512_set1_ps(wi);
     const float* xi = x + i * xs;
+    __m512 xv[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xi + 16 * j), acc[j]);
+    for (int j = 0; j < NV; ++j) xv[j] = _mm512_loadu_ps(xi + 16 * j);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(w[r * wr + i * wj]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(b, xv[j], acc[r][j]);
+    }
   }
 #pragma GCC unroll 8
-  for (int j = 0; j < NV; ++j) store16(out + 16 * j, acc[j]);
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) store16(out + r * os + 16 * j, acc[r][j]);
+}
+
+// `m` weighted sums of the same rows (weighted_block16's arguments), four at a time
+template <int NV, typename E>
+inline void weighted_sums16(const float* w, int64_t wr, int64_t wj, const float* x, int64_t xs, int64_t n, E* out,
+                            int64_t os, int64_t m) {
+  constexpr int kR = NV <= 2 ? 6 : 4;  // sums at once: R * NV accumulators and NV rows in 32 registers
+  int64_t r = 0;
+  for (; r + kR <= m; r += kR) weighted_block16<NV, kR>(w + r * wr, wr, wj, x, xs, n, out + r * os, os);
+  for (; r + 2 <= m; r += 2) weighted_block16<NV, 2>(w + r * wr, wr, wj, x, xs, n, out + r * os, os);
+  for (; r < m; ++r) weighted_block16<NV, 1>(w + r * wr, wr, wj, x, xs, n, out + r * os, os);
 }
 #endif
 
@@ -226,14 +248,16 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
           for (int64_t t = 0; t < tk; ++t) p[t] = 0.f;
           continue;
         }
-        // the sums in registers where dh is known here
-        float local[DH > 0 ? DH : 1];
-        float* __restrict__ acc = DH > 0 ? local : acc_buf.data();
-        for (int64_t d = 0; d < dh; ++d) acc[d] = 0.f;
         const float inv = 1.f / exp_shifted(s.data(), tkp, top);
+#pragma omp simd
+        for (int64_t t = 0; t < tk; ++t) p[t] = s[t] * inv;
+#ifdef __AVX512F__
+        if constexpr (DH > 0 && DH % 16 == 0) continue;  // the weighted sums below, all queries at once
+#endif
+        float* __restrict__ acc = acc_buf.data();
+        for (int64_t d = 0; d < dh; ++d) acc[d] = 0.f;
         for (int64_t t = 0; t < tk; ++t) {
-          const float pt = s[t] * inv;
-          p[t] = pt;
+          const float pt = p[t];
           if (pt == 0.f) continue;
           const float* __restrict__ vt = vf + t * vs;
 #pragma omp simd
@@ -241,6 +265,12 @@ void forward_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         }
         for (int64_t d = 0; d < dh; ++d) store(o + d, acc[d]);
       }
+#ifdef __AVX512F__
+      if constexpr (DH > 0 && DH % 16 == 0) {
+        // out_i = sum_t p_it v_t (a query that sees no key has p = 0: zeros)
+        weighted_sums16<DH / 16>(prob, tk, 1, vf, vs, tk, op + r * tq * out_q + head * dh, out_q, tq);
+      }
+#endif
     }
   });
 }
@@ -300,11 +330,7 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
         for (int64_t t = 0; t < tk; ++t) dsi[t] = p[t] * (dp[t] - dot) * scale;
         E* __restrict__ dq_out = dqp + r * qb + i * qr_ + head * dh;
 #ifdef __AVX512F__
-        if constexpr (DH > 0 && DH % 16 == 0) {
-          // zero weights where p is: masked keys, or beyond the causal limit
-          weighted_rows16<DH / 16>(dsi, 1, kf, ks, tk, dq_out);
-          continue;
-        }
+        if constexpr (DH > 0 && DH % 16 == 0) continue;  // dq below, all queries at once
 #endif
         for (int64_t d = 0; d < dh; ++d) acc[d] = 0.f;
         for (int64_t t = 0; t < tk; ++t) {
@@ -318,16 +344,19 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
       }
       E* dk_row = dkp + r * kb + head * dh;
       E* dv_row = dvp + r * kb + head * dh;
+#ifdef __AVX512F__
+      if constexpr (DH > 0 && DH % 16 == 0) {
+        // dq_i = sum_t dS_it k_t; dk_t = sum_i dS_it q_i; dv_t = sum_i P_it g_i (zero weights where
+        // P is: masked keys, or beyond the causal limit)
+        weighted_sums16<DH / 16>(ds.data(), tk, 1, kf, ks, tk, dqp + r * qb + head * dh, qr_, tq);
+        weighted_sums16<DH / 16>(ds.data(), 1, tk, qf, qs, tq, dk_row, kr_, tk);
+        weighted_sums16<DH / 16>(prob, 1, tk, gf, gs, tq, dv_row, kr_, tk);
+        continue;
+      }
+#endif
       for (int64_t t = 0; t < tk; ++t) {
         E* __restrict__ dk_out = dk_row + t * kr_;
         E* __restrict__ dv_out = dv_row + t * kr_;
-#ifdef __AVX512F__
-        if constexpr (DH > 0 && DH % 16 == 0) {
-          weighted_rows16<DH / 16>(ds.data() + t, tk, qf, qs, tq, dk_out);
-          weighted_rows16<DH / 16>(prob + t, tk, gf, gs, tq, dv_out);
-          continue;
-        }
-#endif
         float* __restrict__ dk = acc;
         float* __restrict__ dv = acc + dh;
         for (int64_t d = 0; d < dh; ++d) dk[d] = dv[d] = 0.f;
