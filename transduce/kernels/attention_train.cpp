@@ -110,7 +110,7 @@ inline void weighted_sums16(const float* w, int64_t wr, int64_t wj, const float*
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 // Lane j of the result: the sum of v[j]'s 16 lanes (a transposing tree of adds: 45 instructions
 // for 16 sums, where 16 separate reductions take ~130).
-inline __m512 sum_lanes16(const __m512* v) {
+__attribute__((always_inline)) inline __m512 sum_lanes16(const __m512* v) {
   __m512 w[8], x[4];
 #pragma GCC unroll 8
   for (int k = 0; k < 8; ++k)
@@ -323,11 +323,27 @@ void backward_run(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
         float* __restrict__ dsi = ds.data() + i * tk;
         // dP[t] = g_i . v_t; the softmax's gradient dS = P * (dP - sum_t P dP)
         key_sums<DH>(gr + i * g2, gf + i * gs, vr, v2, vt.data(), tk, tkp, dh, dp.data());
+#ifdef __AVX512F__
+        // in whole vectors, the last one masked (GCC made the short loops scalar stores and a reduction)
+        __m512 dot16 = _mm512_setzero_ps();
+        for (int64_t t = 0; t < tk; t += 16) {
+          const __mmask16 m = tk - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tk - t)) - 1);
+          dot16 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p + t), _mm512_maskz_loadu_ps(m, dp.data() + t), dot16);
+        }
+        const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot16)), sc = _mm512_set1_ps(scale);
+        for (int64_t t = 0; t < tk; t += 16) {
+          const __mmask16 m = tk - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tk - t)) - 1);
+          const __m512 pv = _mm512_maskz_loadu_ps(m, p + t);
+          const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp.data() + t), dot);
+          _mm512_mask_storeu_ps(dsi + t, m, _mm512_mul_ps(_mm512_mul_ps(pv, d), sc));
+        }
+#else
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t t = 0; t < tk; ++t) dot += p[t] * dp[t];
 #pragma omp simd
         for (int64_t t = 0; t < tk; ++t) dsi[t] = p[t] * (dp[t] - dot) * scale;
+#endif
         E* __restrict__ dq_out = dqp + r * qb + i * qr_ + head * dh;
 #ifdef __AVX512F__
         if constexpr (DH > 0 && DH % 16 == 0) continue;  // dq below, all queries at once
