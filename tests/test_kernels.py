@@ -205,8 +205,9 @@ def test_training_kernel_in_bf16_is_the_float32_kernel_rounded(tq, tk, dh, causa
             torch.testing.assert_close(a.float(), b, rtol=2 ** -7, atol=1e-5)
 
 
-def test_training_kernel_query_without_keys_gets_zeros_and_no_gradient():
-    leaves, q, k, v, _ = train_case(2, 2, 3, 4, 8, False, False, seed=5)
+@pytest.mark.parametrize("dh", [8, 32])  # 32: the weighted sums of whole vectors, several rows at once
+def test_training_kernel_query_without_keys_gets_zeros_and_no_gradient(dh):
+    leaves, q, k, v, _ = train_case(2, 2, 3, 4, dh, False, False, seed=5)
     mask = torch.ones(2, 1, 1, 4, dtype=torch.bool)
     mask[1] = False  # the second row has no key to attend to
     out = kernels.attend_train(q, k, v, mask, False, 0.3)
