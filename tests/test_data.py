@@ -194,3 +194,31 @@ def test_cmudict_split_is_by_word_and_keeps_all_references():
     assert split_of("hello", 0.02, 0.05) == split_of("hello", 0.02, 0.05)
     nostress = load_cmudict(CmudictConfig(max_words=3000, stress=False))
     assert not any(ch.isdigit() for p in nostress["train"] for ch in p.target)
+
+
+def test_reading_pauses_the_cyclic_garbage_collector(tmp_path):
+    # it rescanned every pair read so far, again and again (1.1 s of CMUdict's loading); after
+    # reading it is as it was
+    import gc
+
+    (tmp_path / "t.tsv").write_text("a b\tb a\nc\td\n")
+    seen = []
+
+    def read(spec, skip_invalid):
+        seen.append(gc.isenabled())
+        return read_pairs(spec, skip_invalid)
+
+    cfg = DataConfig(train=str(tmp_path / "t.tsv"), dev=str(tmp_path / "t.tsv"))
+    was = gc.isenabled()
+    try:
+        for before in (True, False):
+            (gc.enable if before else gc.disable)()
+            splits = load_splits(cfg, read)
+            assert len(splits.train) == 2 and gc.isenabled() == before
+        assert seen == [False] * 4  # train and dev, twice
+        gc.enable()
+        with pytest.raises(DataError):
+            load_splits(DataConfig(train=str(tmp_path / "missing.tsv")), read)
+        assert gc.isenabled()  # restored on an error too
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -5,11 +5,12 @@ corpus costs a few bytes per token, not a Python object per token.
 """
 from __future__ import annotations
 
+import gc
 import itertools
-
 import logging
 import random
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,12 +31,32 @@ class Splits:
     test: list[Pair]
 
 
+@contextmanager
+def paused_gc():
+    """Python's cyclic garbage collector rescans every live container again and again while
+    millions are allocated (loading 5M pairs took 3x longer with it; CMUdict's 135k pronunciations
+    1.1 s of a 4.3 s `transduce evaluate`); reading and encoding make no reference cycles, so it is
+    paused meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_splits(cfg: DataConfig, read=None) -> Splits:
     """Read train/dev/test as configured; report skipped lines.
 
     `read(spec, skip_invalid) -> (pairs, report)` reads one file; default: as
     data.format says (a task with its own file format passes its reader).
     """
+    with paused_gc():
+        return _load_splits(cfg, read)
+
+
+def _load_splits(cfg: DataConfig, read=None) -> Splits:
     if cfg.dataset == "cmudict":
         from transduce.data.cmudict import load_cmudict
 

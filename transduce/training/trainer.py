@@ -13,7 +13,6 @@ count, repeats the uninterrupted run's losses bit for bit.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -22,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from transduce.checkpoint import (CheckpointError, RunDirWriteError, average_che
                                   rng_state, save_checkpoint, set_rng_state, step_checkpoints)
 from transduce.config import DECAYS, Config, config_from_dict, load_config, save_config
 from transduce.data.pipeline import (Batch, collate, epoch_plan, group_references,
-                                     load_splits, shuffled)
+                                     load_splits, paused_gc, shuffled)
 from transduce.data.vocab import PAD
 from transduce.inference import LoadedRun, load_codecs
 from transduce.io import atomic_write_text
@@ -228,20 +227,6 @@ def prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist | 
     ctx = ctx or distributed.Dist()
     with paused_gc():
         return _prepare(cfg, run_dir, resuming, ctx)
-
-
-@contextmanager
-def paused_gc():
-    """Python's cyclic garbage collector rescans every live container again and again while
-    millions are allocated (loading 5M pairs took 3x longer with it); reading and encoding
-    make no reference cycles, so it is paused meanwhile."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist):
