@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transduce.checkpoint import (average_checkpoints, load_model_tensors, read_checkpoint,  # noqa: E402
                                   step_checkpoints)
 from transduce.data.pipeline import load_splits  # noqa: E402
-from transduce.inference import evaluate_pairs, load_run  # noqa: E402
-from transduce.models import build_model  # noqa: E402
+from transduce.inference import evaluate_pairs
+from transduce.runs import load_run  # noqa: E402
+from transduce.registry import build_model  # noqa: E402
 from transduce.models.quantize import quantize, resolve  # noqa: E402
 
 

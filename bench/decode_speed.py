@@ -25,7 +25,8 @@ from transduce.data.pipeline import group_references, load_splits
 from transduce.allocator import keep_freed_memory
 from transduce.export.ctranslate2 import CT2Translator, export
 from transduce.hoststeal import Steal
-from transduce.inference import decode, load_run
+from transduce.inference import decode
+from transduce.runs import load_run
 from transduce import metrics as M
 
 

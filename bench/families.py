@@ -28,7 +28,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from transduce.data.pipeline import group_references, load_splits
-    from transduce.inference import decode, load_run
+    from transduce.inference import decode
+    from transduce.runs import load_run
     from transduce import metrics as M
 
     rows = []

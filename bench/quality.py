@@ -36,8 +36,10 @@ from hf_bart import bart, describe
 from transduce import metrics as M
 from transduce.data.pipeline import epoch_batches, group_references, load_splits
 from transduce.data.vocab import PAD
-from transduce.config import DECAYS, load_config
-from transduce.inference import decode, load_codecs, load_run
+from transduce.config import DECAYS
+from transduce.registry import load_config
+from transduce.inference import decode
+from transduce.runs import load_codecs, load_run
 from transduce.training.schedule import lr_at
 from transduce.training.trainer import sequence_loss
 
@@ -68,7 +70,7 @@ class ClockSchedule:
 
 def train_hf(run, minutes: float, out: Path):
     """BART on the run's own encoded training data, batches and schedule, for `minutes`."""
-    from transduce.tasks import task_for
+    from transduce.registry import task_for
 
     cfg, tc = run.config, run.config.train
     task = task_for(cfg)

@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from transduce.config import load_config
+from transduce.registry import load_config
 from transduce.data.pipeline import encode_pairs, epoch_batches, fit_codecs, load_splits
 from transduce.hoststeal import Steal
-from transduce.models import build_model
+from transduce.registry import build_model
 from transduce.precision import native_bf16, use_bf16
 from transduce.training.trainer import make_optimizer, sequence_loss
 

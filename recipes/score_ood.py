@@ -16,8 +16,8 @@ import statistics
 import numpy as np
 
 from transduce.data.readers import read_lines
-from transduce.inference import load_run
-from transduce.tasks import task_for
+from transduce.runs import load_run
+from transduce.registry import task_for
 
 
 def auroc(usual: list[float], unusual: list[float]) -> float:

@@ -13,7 +13,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one thread per worke
 
 from transduce.data.pipeline import Batch, pad
 from transduce.data.vocab import BOS, EOS, PAD
-from transduce.models import build_model
+from transduce.registry import build_model
 from transduce.models.encoder import EncoderClassifierConfig, EncoderMLMConfig, EncoderTaggerConfig
 from transduce.models.lm import DecoderOnlyConfig, PrefixLMConfig
 from transduce.models.rnn import RNNConfig

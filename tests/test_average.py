@@ -12,8 +12,9 @@ from tests.toyrun import records, toy_config, toy_data, write_config, toy_raw
 from transduce.checkpoint import (CheckpointError, average_checkpoints, average_run, checkpoint_dir,
                                   read_checkpoint, read_json, save_checkpoint, step_checkpoints)
 from transduce.cli import main
-from transduce.config import config_from_dict
-from transduce.inference import load_run, translate
+from transduce.registry import config_from_dict
+from transduce.runs import load_run
+from transduce.inference import translate
 from transduce.training.trainer import train
 
 

@@ -122,7 +122,7 @@ def test_quality_schedule_follows_the_clock_as_ours():
         from quality import ClockSchedule
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    from transduce.config import load_config
+    from transduce.registry import load_config
     from transduce.training.schedule import lr_at
 
     for schedule in ("linear", "cosine"):

@@ -24,7 +24,8 @@ from transduce.config import DecodeConfig, TokenizerConfig
 from transduce.data.pipeline import fit_encode_pairs
 from transduce.data.readers import Pair
 from transduce.data.vocab import EOS, TextCodec, reverse_segments
-from transduce.inference import ensemble, load_run, perplexity, translate
+from transduce.inference import ensemble, perplexity, translate
+from transduce.runs import load_run
 from transduce.search import (Bidirectional, Ensemble, SourceReversed, beam_search, bidirectional_search,
                               greedy)
 from transduce.training.trainer import train
@@ -241,7 +242,8 @@ def test_runs_that_differ_in_more_than_direction_are_named(both_ways, tmp_path):
 
 
 def test_encoder_families_refuse_a_reversed_source(tmp_path):
-    from transduce.config import ConfigError, config_from_dict
+    from transduce.config import ConfigError
+    from transduce.registry import config_from_dict
 
     with pytest.raises(ConfigError, match="source_tokenizer.reverse: applies to families with a decoder"):
         config_from_dict({"model": {"family": "encoder_classifier", "d_model": 16, "heads": 2,

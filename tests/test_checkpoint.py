@@ -86,7 +86,7 @@ def test_pickle_files_instead_of_weights_are_named(tmp_path):
 
 def test_load_run_refuses_planted_pickle(tmp_path):
     """Through the public loader (`translate`, `evaluate`): same refusal, payload never runs."""
-    from transduce.inference import load_run
+    from transduce.runs import load_run
 
     run = tmp_path / "run"
     run.mkdir()

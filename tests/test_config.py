@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from transduce.config import ConfigError, load_config
+from transduce.config import ConfigError
+from transduce.registry import load_config
 
 
 def write(tmp_path, text):

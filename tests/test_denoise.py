@@ -12,12 +12,16 @@ import pytest
 import torch
 
 from transduce.cli import main
-from transduce.config import ConfigError, NoiseConfig, config_from_dict
+from transduce.config import ConfigError, NoiseConfig
+from transduce.registry import config_from_dict
 from transduce.data.noise import corrupt, delete_tokens, local_shuffle, mask_spans, span_plan
 from transduce.data.pipeline import TokenArray
 from transduce.data.vocab import BOS, EOS, PAD
-from transduce.inference import load_run, translate
-from transduce.tasks import DenoiseTask, NoisyData, task_for
+from transduce.runs import load_run
+from transduce.inference import translate
+from transduce.tasks import DenoiseTask
+from transduce.data.datasets import NoisyData
+from transduce.registry import task_for
 from transduce.training.trainer import train
 
 torch.set_num_threads(1)
@@ -245,7 +249,7 @@ def test_autoencoder_scores_out_of_distribution_lines_higher(tmp_path, capsys):
 
 
 def test_recipes_load():
-    from transduce.config import load_config
+    from transduce.registry import load_config
 
     bart = load_config("recipes/denoise_bart_words.yaml")
     assert isinstance(task_for(bart), DenoiseTask) and bart.data.noise.mask_rate == 0.3

@@ -12,7 +12,7 @@ import torch
 
 from toyrun import losses, records, toy_data, toy_raw, write_config
 from transduce.checkpoint import checkpoint_dir, load_tensors, read_checkpoint
-from transduce.config import config_from_dict
+from transduce.registry import config_from_dict
 from transduce.data.pipeline import epoch_plan
 from transduce.training.trainer import prepare, train
 

@@ -12,14 +12,17 @@ import torch
 
 from conftest import make_model
 from transduce.checkpoint import checkpoint_dir, read_checkpoint
-from transduce.config import ConfigError, config_from_dict
+from transduce.config import ConfigError
+from transduce.registry import config_from_dict
 from transduce.data.masking import Masking, mask_tokens
 from transduce.data.readers import DataError
 from transduce.data.vocab import BOS, EOS, PAD
-from transduce.inference import load_run, translate
+from transduce.runs import load_run
+from transduce.inference import translate
 from transduce.metrics import entities, tagging_metrics
-from transduce.models import build_model
-from transduce.tasks import TagTask, task_for
+from transduce.registry import build_model
+from transduce.tasks import TagTask
+from transduce.registry import task_for
 from transduce.training.trainer import train
 from transduce.training.warmstart import load_from_run
 

@@ -16,8 +16,9 @@ from transduce.checkpoint import CheckpointError
 from transduce.cli import main
 from transduce.data.pipeline import Batch
 from transduce.data.vocab import BOS, EOS, PAD
-from transduce.inference import ensemble, load_run, translate
-from transduce.models import build_model
+from transduce.inference import ensemble, translate
+from transduce.runs import load_run
+from transduce.registry import build_model
 from transduce.search import Ensemble, beam_search, greedy, max_lengths
 from transduce.training.trainer import train
 

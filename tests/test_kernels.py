@@ -1086,7 +1086,7 @@ def test_feed_forward_trains_on_the_bias_activation_kernel_as_on_pytorch(monkeyp
     # activation; without gradients (decoding, evaluation) the kernel is not called
     from conftest import SRC_V, TGT_V, tiny_transformer
 
-    from transduce.models import build_model
+    from transduce.registry import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny_transformer(activation=act, norm="post"), SRC_V, TGT_V).train()
@@ -1246,7 +1246,7 @@ def test_gated_feed_forward_trains_on_the_kernel_as_on_pytorch(monkeypatch, act,
     # with the kernel as with PyTorch's GELU / SiLU times the linear half
     from conftest import SRC_V, TGT_V, tiny_transformer
 
-    from transduce.models import build_model
+    from transduce.registry import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny_transformer(activation=act, norm="post"), SRC_V, TGT_V).train()

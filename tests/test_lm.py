@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_model
-from transduce.config import ConfigError, config_from_dict, load_config
+from transduce.config import ConfigError
+from transduce.registry import config_from_dict, load_config
 from transduce.data.pipeline import Batch, pad
 from transduce.data.readers import DataError, Pair, read_text
 from transduce.data.vocab import BOS, EOS, PAD
-from transduce.inference import LoadedRun, generate, load_run, perplexity
+from transduce.inference import LoadedRun, generate, perplexity
+from transduce.runs import load_run
 from transduce.models.lm import attention_mask, sequence_positions
 
 
@@ -169,7 +171,7 @@ def test_perplexity_is_exp_mean_token_loss(tmp_path):
     pairs = [Pair("", t, f"x:{i}") for i, t in enumerate(["abc", "a", "cabbage", "bad cab"])]
     src, tgt = fit_codecs(cfg.data, pairs, shared=True)
     torch.manual_seed(0)
-    from transduce.models import build_model
+    from transduce.registry import build_model
 
     model = build_model(cfg.model, len(src.vocab), len(tgt.vocab)).eval()
     run = LoadedRun(cfg, model, src, tgt, {}, tmp_path)

@@ -7,7 +7,7 @@ import torch
 from conftest import make_model, random_batch, vocab_sizes
 from transduce.checkpoint import load_model_tensors, read_checkpoint, save_checkpoint
 from transduce.data.pipeline import Batch
-from transduce.models import build_model
+from transduce.registry import build_model
 
 
 def batch_for(name, b=4, seed=0):

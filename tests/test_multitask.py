@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from transduce.cli import main
-from transduce.config import ConfigError, config_from_dict
+from transduce.config import ConfigError
+from transduce.registry import config_from_dict
 from transduce.data.multitask import load_multitask, mixture, quotas, task_of
 from transduce.data.pipeline import TokenArray, epoch_plan
 from transduce.data.readers import DataError
-from transduce.tasks import MixedData, MultitaskTask, task_for
+from transduce.data.datasets import MixedData
+from transduce.tasks import MultitaskTask
+from transduce.registry import task_for
 from transduce.training.trainer import train
 
 torch.set_num_threads(1)
@@ -137,7 +140,7 @@ def test_tiny_multitask_run_reports_each_task(tmp_path, capsys):
 
 
 def test_recipe_loads():
-    from transduce.config import load_config
+    from transduce.registry import load_config
 
     cfg = load_config("recipes/multitask_g2p_p2g_num.yaml")
     assert isinstance(task_for(cfg), MultitaskTask)

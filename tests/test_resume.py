@@ -19,7 +19,7 @@ import transduce.checkpoint as C
 import transduce.training.trainer as trainer
 from toyrun import losses, toy_config, toy_data, toy_raw, write_config
 from transduce.checkpoint import CheckpointError, RunDirWriteError, checkpoint_dir, read_checkpoint, read_json
-from transduce.config import config_from_dict
+from transduce.registry import config_from_dict
 from transduce.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,9 @@ import random
 
 import pytest
 
-from transduce.config import config_from_dict
-from transduce.inference import evaluate_pairs, load_run
+from transduce.registry import config_from_dict
+from transduce.inference import evaluate_pairs
+from transduce.runs import load_run
 from transduce.data.readers import read_tsv
 from transduce.training.trainer import train
 

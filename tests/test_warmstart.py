@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from transduce.checkpoint import CheckpointError
-from transduce.config import ConfigError, TokenizerConfig, config_from_dict, load_config
+from transduce.config import ConfigError, TokenizerConfig
+from transduce.registry import config_from_dict, load_config
 from transduce.data.pipeline import Batch, pad
 from transduce.data.vocab import BOS, EOS, PAD, TextCodec
-from transduce.inference import load_run, translate
-from transduce.models import build_model
+from transduce.runs import load_run
+from transduce.inference import translate
+from transduce.registry import build_model
 from transduce.training.trainer import train
 
 BERT_STYLE = dict(activation="gelu", norm="post", positions="learned", embed_scale=False, embed_norm=True,

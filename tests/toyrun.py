@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from transduce.config import Config, config_from_dict
+from transduce.config import Config
+from transduce.registry import config_from_dict
 
 
 def toy_data(folder: Path, n: int = 300, seed: int = 0) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def _train(args) -> int:
-    from transduce.config import load_config
+    from transduce.registry import load_config
     from transduce.training import distributed
     from transduce.training.trainer import train
 
@@ -98,7 +98,8 @@ def _decoding_run(args):
     ensemble, each member quantized so, decoding with the first one's settings."""
     import dataclasses
 
-    from transduce.inference import ensemble, load_run
+    from transduce.inference import ensemble
+    from transduce.runs import load_run
     from transduce.models.quantize import quantize, resolve
 
     runs = [load_run(m) for m in args.model]
@@ -112,7 +113,7 @@ def _evaluate(args) -> int:
     from transduce.data.pipeline import load_splits
     from transduce.data.readers import read_pairs
     from transduce.inference import evaluate_pairs
-    from transduce.tasks import task_for
+    from transduce.registry import task_for
 
     run = _decoding_run(args)
     _threads(args.threads)
@@ -147,7 +148,7 @@ def _evaluate(args) -> int:
 def _evaluate_labels(args, run) -> int:
     from transduce.data.pipeline import load_splits
     from transduce.data.readers import read_pairs
-    from transduce.tasks import task_for
+    from transduce.registry import task_for
 
     task = task_for(run.config)
     if args.data:
@@ -170,8 +171,8 @@ def _evaluate_labels(args, run) -> int:
 
 def _labelling_run(args):
     """The run of `transduce classify` / `tag`, checked to be of that task."""
-    from transduce.inference import load_run
-    from transduce.tasks import task_for
+    from transduce.runs import load_run
+    from transduce.registry import task_for
 
     run = load_run(args.model)
     task = task_for(run.config)
@@ -204,7 +205,8 @@ def _tag(args) -> int:
 
 
 def _generate(args) -> int:
-    from transduce.inference import generate, load_run
+    from transduce.inference import generate
+    from transduce.runs import load_run
 
     run = load_run(args.model)
     _threads(args.threads)
@@ -216,8 +218,8 @@ def _generate(args) -> int:
 
 
 def _score(args) -> int:
-    from transduce.inference import load_run
-    from transduce.tasks import task_for
+    from transduce.runs import load_run
+    from transduce.registry import task_for
 
     run = load_run(args.model)
     task = task_for(run.config)
@@ -231,7 +233,7 @@ def _score(args) -> int:
 
 def _info(args) -> int:
     from transduce.checkpoint import checkpoint_dir, read_json
-    from transduce.inference import load_run
+    from transduce.runs import load_run
 
     run = load_run(args.run_dir)
     last = read_json(checkpoint_dir(Path(args.run_dir), "last") / "state.json")
@@ -254,7 +256,8 @@ def _info(args) -> int:
 
 def _attention(args) -> int:
     from transduce.attention import cross_attention, plot_attention, select
-    from transduce.inference import load_run, translate
+    from transduce.runs import load_run
+    from transduce.inference import translate
 
     run = load_run(args.model)
     output = args.target if args.target is not None else translate(run, [args.input], args.beam, 1)[0][0]
@@ -273,7 +276,7 @@ def _attention(args) -> int:
 
 def _export(args) -> int:
     from transduce.export.ctranslate2 import export
-    from transduce.inference import load_run
+    from transduce.runs import load_run
 
     run = load_run(args.model)
     out = export(run, args.out_dir, args.quantization)

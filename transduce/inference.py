@@ -1,4 +1,5 @@
-"""Using a trained run: load it, translate text, evaluate on a test set."""
+"""Using a trained run in memory: decode, translate text, evaluate on a test set, score, generate.
+(`transduce.runs.load_run` reads a run from its directory.)"""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from transduce.checkpoint import CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json
-from transduce.config import Config, ConfigError, load_config
+from transduce.checkpoint import CheckpointError
+from transduce.config import Config
 from transduce.data.pipeline import group_references, pad
 from transduce.data.vocab import PAD, TextCodec
 from transduce.search import Hypothesis, search
@@ -16,54 +17,14 @@ from transduce.search import Hypothesis, search
 
 @dataclass
 class LoadedRun:
+    """A trained run in memory (`runs.load_run` reads one from its directory)."""
     config: Config
     model: torch.nn.Module
     source: TextCodec
     target: TextCodec
     state: dict           # training state of the loaded checkpoint
     checkpoint: Path
-
-
-def load_codecs(run_dir: Path) -> tuple[TextCodec, TextCodec]:
-    out = []
-    for side in ("source", "target"):
-        path = Path(run_dir) / f"{side}_codec.json"
-        try:
-            out.append(TextCodec.from_dict(read_json(path)))
-        except (KeyError, ValueError, TypeError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{path}: not a valid codec file ({e})") from None
-    return out[0], out[1]
-
-
-def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = None) -> LoadedRun:
-    """Rebuild the model of a run directory from its files alone; `quantize="int8"` gives a
-    model for CPU decoding whose linear layers run in int8 (see models/quantize.py); "auto" does
-    where the CPU multiplies int8 natively."""
-    from transduce.models import build_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
-    try:
-        cfg = load_config(run_dir / "config.yaml")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    src, tgt = load_codecs(run_dir)
-    ckpt = checkpoint_dir(run_dir, which)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir / 'checkpoints' / 'index.json'}: missing (no checkpoint was saved)")
-    state, tensors = read_checkpoint(ckpt)
-    model = build_model(cfg.model, len(src.vocab), len(tgt.vocab))
-    load_model_tensors(model, tensors, ckpt / "model.safetensors")
-    model.eval()
-    if quantize:
-        from transduce.models.quantize import quantize as quantized, resolve
-
-        if (kind := resolve(quantize)) is not None:
-            model = quantized(model, kind)
-    return LoadedRun(cfg, model, src, tgt, state, ckpt)
+    task: object = None   # the run's task (transduce.tasks), what `registry.task_for` says of its config
 
 
 def ensemble(runs: list[LoadedRun], names: list[str] | None = None) -> LoadedRun:
@@ -114,10 +75,8 @@ def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: i
     """
     model = model or run.model
     if not model.can_decode:
-        from transduce.tasks import task_for
-
-        raise ValueError(f"a {run.config.model.family} model has no decoder (encoder-only); use "
-                         f"`transduce {task_for(run.config).command}`")
+        command = f"`transduce {run.task.command}`" if run.task is not None else "the command of its task"
+        raise ValueError(f"a {run.config.model.family} model has no decoder (encoder-only); use {command}")
     cfg = run.config.decode
     batch_size = batch_size or cfg.batch_size
     ids = [run.source.encode(s) for s in sources]

@@ -331,7 +331,7 @@ class PretrainedTokenizer:
 
     @classmethod
     def load(cls, folder, lowercase: bool = False) -> "PretrainedTokenizer":
-        from transduce.models.bert import read_tokenizer_json
+        from transduce.data.pretrained import read_tokenizer_json
 
         return cls(read_tokenizer_json(folder), lowercase)
 
@@ -375,7 +375,7 @@ class TextCodec:
     @classmethod
     def fit(cls, cfg: TokenizerConfig, texts: list[str]) -> "TextCodec":
         if cfg.kind == "pretrained":
-            from transduce.models.bert import resolve_path
+            from transduce.data.pretrained import resolve_path
 
             tok = PretrainedTokenizer.load(resolve_path(cfg.path), cfg.lowercase)
             return cls(tok, Vocab(tok.symbols()), cfg.wrap, cfg.reverse)

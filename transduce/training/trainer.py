@@ -13,7 +13,6 @@ count, repeats the uninterrupted run's losses bit for bit.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,116 +30,21 @@ from transduce import hoststeal
 from transduce.checkpoint import (CheckpointError, RunDirWriteError, average_checkpoints, checkpoint_dir,
                                   load_model_tensors, load_tensors, optimizer_join, read_checkpoint, read_json,
                                   rng_state, save_checkpoint, set_rng_state, step_checkpoints)
-from transduce.config import DECAYS, Config, config_from_dict, load_config, save_config
+from transduce.config import DECAYS, Config
 from transduce.data.pipeline import (Batch, collate, epoch_plan, group_references,
                                      load_splits, paused_gc, shuffled)
 from transduce.data.vocab import PAD
-from transduce.inference import LoadedRun, load_codecs
+from transduce.inference import LoadedRun
 from transduce.io import atomic_write_text
 from transduce.metrics import is_better
-from transduce.models import build_model
-from transduce.tasks import task_for
+from transduce.registry import build_model, task_for
+from transduce.runs import check_resumable, codec_texts as read_codec_texts, fingerprint, init_codecs, load_codecs, save_config
 from transduce.training.warmstart import initial_weights
 from transduce.training import distributed
 from transduce.precision import use_bf16
 from transduce.training.schedule import lr_at
 
 log = logging.getLogger("transduce")
-
-# Config fields that may change when a run is resumed (budgets and reporting).
-RESUMABLE_CHANGES = {"train.max_steps", "train.max_epochs", "train.max_minutes", "train.log_every",
-                     "train.eval_every", "train.patience", "train.keep_checkpoints", "train.save_every",
-                     "train.threads", "decode", "eval.dev_beam", "train.eval_max_items", "train.device",
-                     "train.average_last"}
-CODEC_FILES = ("source_codec.json", "target_codec.json")
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        key = f"{prefix}{k}"
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, key + ".")
-        elif a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _allowed(diff: str) -> bool:
-    key = diff.split(":", 1)[0]
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
-
-
-def _fixed_part(d: dict, prefix: str = "") -> dict:
-    """The config without the fields a resume may change."""
-    return {k: (_fixed_part(v, f"{prefix}{k}.") if isinstance(v, dict) else v)
-            for k, v in d.items() if not _allowed(f"{prefix}{k}")}
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _codec_texts(run_dir: Path) -> dict[str, str]:
-    out = {}
-    for name in CODEC_FILES:
-        try:
-            out[name] = (run_dir / name).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CheckpointError(f"{run_dir / name}: missing") from None
-    return out
-
-
-def fingerprint(cfg: Config, codec_texts: dict[str, str]) -> dict:
-    """Hashes of what a resumed run must share with its checkpoint: config and vocabularies."""
-    return {"config": _sha256(json.dumps(_fixed_part(cfg.to_dict()), sort_keys=True)),
-            "source_vocab": _sha256(codec_texts["source_codec.json"]),
-            "target_vocab": _sha256(codec_texts["target_codec.json"])}
-
-
-def codec_differences(old: dict, new: dict) -> str:
-    """What changed between two codec files (dicts), in words."""
-    parts = []
-    if old.get("tokenizer") != new.get("tokenizer"):
-        parts.append(f"tokenizer {old.get('tokenizer', {}).get('kind')!r} -> {new.get('tokenizer', {}).get('kind')!r}"
-                     " or its settings changed")
-    a, b = old.get("symbols", []), new.get("symbols", [])
-    added, removed = [s for s in b if s not in set(a)], [s for s in a if s not in set(b)]
-    if added:
-        parts.append(f"{len(added)} symbols added ({', '.join(map(repr, added[:5]))})")
-    if removed:
-        parts.append(f"{len(removed)} symbols removed ({', '.join(map(repr, removed[:5]))})")
-    if not added and not removed and a != b:
-        parts.append("the same symbols in another order (ids changed)")
-    return "; ".join(parts) or "the file's bytes changed"
-
-
-def check_resumable(cfg: Config, run_dir: Path, ckpt: Path, saved: dict) -> None:
-    """Refuse to resume `ckpt` with a config or vocabulary other than its own, saying what differs."""
-    fp = saved.get("fingerprint", {})
-    texts = _codec_texts(run_dir)
-    now = fingerprint(cfg, texts)
-    if fp.get("config") != now["config"]:
-        if saved.get("config"):
-            old = config_from_dict(saved["config"], str(ckpt / "state.json"))
-        else:  # checkpoints from before fingerprints
-            old = load_config(run_dir / "config.yaml")
-        diffs = [d for d in config_differences(old.to_dict(), cfg.to_dict()) if not _allowed(d)]
-        if diffs:
-            raise CheckpointError(f"{run_dir}: cannot resume with a different config; differences: "
-                                  + "; ".join(diffs) + ". Use a new --out (or train.init_from to fine-tune).")
-    for name in CODEC_FILES:
-        key = name.replace("_codec.json", "_vocab")
-        if key in fp and fp[key] != now[key]:
-            copy = ckpt / name
-            what = (codec_differences(read_json(copy), json.loads(texts[name])) if copy.is_file()
-                    else "its hash differs from the checkpoint's")
-            raise CheckpointError(f"{run_dir / name}: cannot resume with a different vocabulary than "
-                                  f"checkpoint {ckpt.name} was trained with: {what}. Restore the file, or "
-                                  "start a new run (new --out; train.init_from to fine-tune).")
-
 
 def clip_gradients(params, max_norm: float) -> float:
     """The gradients' global L2 norm (before clipping), scaling them to `max_norm` where it is larger
@@ -237,10 +141,7 @@ def _prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist):
     fitted, data, error = None, None, None
     if not resuming and ctx.is_main:
         try:
-            if hasattr(task, "fit_and_encode"):  # one pass over a large corpus
-                *fitted, data = task.fit_and_encode(cfg, splits.train)
-            else:
-                fitted = task.fit_codecs(cfg, splits.train)
+            *fitted, data = task.fit_and_encode(cfg, splits.train, init_codecs(cfg))
             atomic_write_text(run_dir / "source_codec.json", fitted[0].dumps())
             atomic_write_text(run_dir / "target_codec.json", fitted[1].dumps())
         except Exception as e:
@@ -295,7 +196,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(tc.seed)
     splits, src_codec, tgt_codec, data = prepare(cfg, run_dir, resuming=last is not None, ctx=ctx)
-    codec_texts = _codec_texts(run_dir) if ctx.is_main else {}
+    codec_texts = read_codec_texts(run_dir) if ctx.is_main else {}
     dev_sources, dev_refs = group_references(splits.dev)
     dev_pairs = splits.dev
     if tc.eval_max_items and len(dev_sources) > tc.eval_max_items:
@@ -340,7 +241,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
              len(data.src), len(src_codec.vocab), len(tgt_codec.vocab))
 
     metric = cfg.eval.metrics[0]
-    view = LoadedRun(cfg, model, src_codec, tgt_codec, state, run_dir)
+    view = LoadedRun(cfg, model, src_codec, tgt_codec, state, run_dir, task_for(cfg))
     bf16 = use_bf16(tc.bf16, ctx.device)
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 

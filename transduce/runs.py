@@ -1,0 +1,194 @@
+"""Run directories: what a trained run is on disk, and reading it back.
+
+    RUN_DIR/config.yaml                 the whole resolved config (a model rebuilds from it alone)
+    RUN_DIR/source_codec.json           tokenizer settings + vocabulary of each side
+    RUN_DIR/target_codec.json
+    RUN_DIR/checkpoints/index.json      which checkpoint is `best` and `last`
+    RUN_DIR/checkpoints/step-N/         model.safetensors, optimizer.safetensors, state.json
+    RUN_DIR/metrics.jsonl               training log
+
+`load_run` rebuilds a trained model from these files alone. A resumed run
+must have the config and vocabularies its checkpoint was trained with
+(`check_resumable`), up to the fields in `RESUMABLE_CHANGES`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from transduce.checkpoint import CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json
+from transduce.config import Config, ConfigError
+from transduce.data.vocab import TextCodec
+from transduce.inference import LoadedRun
+from transduce.io import atomic_write_text
+from transduce.registry import build_model, config_from_dict, load_config, task_for
+from transduce.tasks import EncoderTask, InitCodecs
+
+log = logging.getLogger("transduce")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    import yaml
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """A run directory's config.yaml, checked; a CheckpointError naming the file if it does not load."""
+    try:
+        return load_config(Path(run_dir) / "config.yaml")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_codecs(run_dir: Path) -> tuple[TextCodec, TextCodec]:
+    out = []
+    for side in ("source", "target"):
+        path = Path(run_dir) / f"{side}_codec.json"
+        try:
+            out.append(TextCodec.from_dict(read_json(path)))
+        except (KeyError, ValueError, TypeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: not a valid codec file ({e})") from None
+    return out[0], out[1]
+
+
+def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = None) -> LoadedRun:
+    """Rebuild the model of a run directory from its files alone; `quantize="int8"` gives a
+    model for CPU decoding whose linear layers run in int8 (see models/quantize.py); "auto" does
+    where the CPU multiplies int8 natively."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    cfg = run_config(run_dir)
+    src, tgt = load_codecs(run_dir)
+    ckpt = checkpoint_dir(run_dir, which)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints' / 'index.json'}: missing (no checkpoint was saved)")
+    state, tensors = read_checkpoint(ckpt)
+    model = build_model(cfg.model, len(src.vocab), len(tgt.vocab))
+    load_model_tensors(model, tensors, ckpt / "model.safetensors")
+    model.eval()
+    if quantize:
+        from transduce.models.quantize import quantize as quantized, resolve
+
+        if (kind := resolve(quantize)) is not None:
+            model = quantized(model, kind)
+    return LoadedRun(cfg, model, src, tgt, state, ckpt, task_for(cfg))
+
+
+
+
+def init_codecs(cfg: Config) -> InitCodecs | None:
+    """The codecs of `train.init_from`'s run (None without one), so that embedding rows keep their
+    meaning: source and target of a run with a decoder; of an encoder-only run the source alone
+    (its target is labels)."""
+    if not cfg.train.init_from:
+        return None
+    run = Path(cfg.train.init_from)
+    source, target = load_codecs(run)
+    if isinstance(task_for(run_config(run)), EncoderTask):
+        log.info("source vocabulary from train.init_from %s (data.source_tokenizer is not used)", run)
+        return InitCodecs(source, None)
+    log.info("vocabularies from train.init_from %s (data.source_tokenizer and data.target_tokenizer are "
+             "not used)", run)
+    return InitCodecs(source, target)
+
+
+# ---------------------------------------------------------------------------
+# Resuming: what a checkpoint must share with the run that continues it
+# ---------------------------------------------------------------------------
+
+# Config fields that may change when a run is resumed (budgets and reporting).
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_epochs", "train.max_minutes", "train.log_every",
+                     "train.eval_every", "train.patience", "train.keep_checkpoints", "train.save_every",
+                     "train.threads", "decode", "eval.dev_beam", "train.eval_max_items", "train.device",
+                     "train.average_last"}
+CODEC_FILES = ("source_codec.json", "target_codec.json")
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _allowed(diff: str) -> bool:
+    key = diff.split(":", 1)[0]
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+
+
+def _fixed_part(d: dict, prefix: str = "") -> dict:
+    """The config without the fields a resume may change."""
+    return {k: (_fixed_part(v, f"{prefix}{k}.") if isinstance(v, dict) else v)
+            for k, v in d.items() if not _allowed(f"{prefix}{k}")}
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def codec_texts(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for name in CODEC_FILES:
+        try:
+            out[name] = (run_dir / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CheckpointError(f"{run_dir / name}: missing") from None
+    return out
+
+
+def fingerprint(cfg: Config, codec_texts: dict[str, str]) -> dict:
+    """Hashes of what a resumed run must share with its checkpoint: config and vocabularies."""
+    return {"config": _sha256(json.dumps(_fixed_part(cfg.to_dict()), sort_keys=True)),
+            "source_vocab": _sha256(codec_texts["source_codec.json"]),
+            "target_vocab": _sha256(codec_texts["target_codec.json"])}
+
+
+def codec_differences(old: dict, new: dict) -> str:
+    """What changed between two codec files (dicts), in words."""
+    parts = []
+    if old.get("tokenizer") != new.get("tokenizer"):
+        parts.append(f"tokenizer {old.get('tokenizer', {}).get('kind')!r} -> {new.get('tokenizer', {}).get('kind')!r}"
+                     " or its settings changed")
+    a, b = old.get("symbols", []), new.get("symbols", [])
+    added, removed = [s for s in b if s not in set(a)], [s for s in a if s not in set(b)]
+    if added:
+        parts.append(f"{len(added)} symbols added ({', '.join(map(repr, added[:5]))})")
+    if removed:
+        parts.append(f"{len(removed)} symbols removed ({', '.join(map(repr, removed[:5]))})")
+    if not added and not removed and a != b:
+        parts.append("the same symbols in another order (ids changed)")
+    return "; ".join(parts) or "the file's bytes changed"
+
+
+def check_resumable(cfg: Config, run_dir: Path, ckpt: Path, saved: dict) -> None:
+    """Refuse to resume `ckpt` with a config or vocabulary other than its own, saying what differs."""
+    fp = saved.get("fingerprint", {})
+    texts = codec_texts(run_dir)
+    now = fingerprint(cfg, texts)
+    if fp.get("config") != now["config"]:
+        old = config_from_dict(saved["config"], str(ckpt / "state.json"))
+        diffs = [d for d in config_differences(old.to_dict(), cfg.to_dict()) if not _allowed(d)]
+        if diffs:
+            raise CheckpointError(f"{run_dir}: cannot resume with a different config; differences: "
+                                  + "; ".join(diffs) + ". Use a new --out (or train.init_from to fine-tune).")
+    for name in CODEC_FILES:
+        key = name.replace("_codec.json", "_vocab")
+        if key in fp and fp[key] != now[key]:
+            copy = ckpt / name
+            what = (codec_differences(read_json(copy), json.loads(texts[name])) if copy.is_file()
+                    else "its hash differs from the checkpoint's")
+            raise CheckpointError(f"{run_dir / name}: cannot resume with a different vocabulary than "
+                                  f"checkpoint {ckpt.name} was trained with: {what}. Restore the file, or "
+                                  "start a new run (new --out; train.init_from to fine-tune).")
