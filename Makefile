@@ -15,7 +15,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,plot]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,plot,fast]"
 	$(BIN)/python -m transduce.kernels
 	touch $@
 

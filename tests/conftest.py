@@ -110,6 +110,31 @@ def decoding_model_name(request):
     return request.param
 
 
+def make_engine(name: str, engine: str, seed: int = 0):
+    """make_model's model as `engine` runs it (transduce.engine): "torch" the modules, "kernels" the
+    CPU kernels' engine, which must apply to it."""
+    from transduce import engine as engines
+
+    return engines.build(make_model(name, seed), engine)
+
+
+def _on_kernels(name: str) -> bool:
+    from transduce import kernels
+    from transduce.engine.kernels import runs_on_kernels
+
+    return kernels.ops() is not None and runs_on_kernels(make_model(name)) is None
+
+
+# (family, engine) for the shared decoding checks: every decoding family on the PyTorch modules, and
+# those the kernels run on the kernels' engine too
+DECODING_CASES = [(n, "torch") for n in DECODING_MODELS] + [(n, "kernels") for n in DECODING_MODELS if _on_kernels(n)]
+
+
+@pytest.fixture(params=DECODING_CASES, ids=[f"{n}-{e}" for n, e in DECODING_CASES])
+def decoding_case(request):
+    return request.param
+
+
 def random_batch(b: int = 4, seed: int = 0, src_v: int = SRC_V, tgt_v: int = TGT_V) -> Batch:
     g = random.Random(seed)
     srcs = [[g.randrange(4, src_v) for _ in range(g.randint(2, 9))] for _ in range(b)]

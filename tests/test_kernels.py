@@ -372,25 +372,20 @@ def test_add_norm_is_layer_norm_of_the_sum(keep_sum, y_bias):
         kernels.ops().add_norm(x, y, yb[:5], w, b, 1e-5, False)
 
 
-NO_KERNELS = type("NoKernels", (), {"ops": staticmethod(lambda: None)})
-
-
-# int8 copies: the kernel step fuses a feed-forward block (int8_ffn) where the modules' path runs
-# its layers one by one; the same arithmetic in another order, rounding to int8 in between
 INT8_TOL = dict(rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style"])
 @pytest.mark.parametrize("beam", [1, 3])
 @pytest.mark.parametrize("int8", [False, True])
-def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam, int8):
+def test_kernel_engine_steps_as_the_modules_do(name, beam, int8):
     from conftest import make_model
 
-    import transduce.models.transformer as T
+    from transduce.engine.kernels import KernelState, KernelTransformer
     from transduce.models.quantize import quantize
 
     model = quantize(make_model(name)) if int8 else make_model(name)
-    model.kernel_cache_dtype = None  # float32 caches here; bfloat16 ones: the test below
+    fast = KernelTransformer(model, cache_dtype=torch.float32)  # bfloat16 caches: the test below
     torch.manual_seed(1)
     src = torch.randint(3, 13, (5, 7))
     src[1, 4:] = 0
@@ -399,60 +394,47 @@ def test_transformer_kernel_step_same_as_module_step(monkeypatch, name, beam, in
     order = torch.randperm(5 * beam)
     after = torch.randperm(3 * beam)  # beam selection among the sources left
 
-    def run(switch_at=None):
-        """Steps as search takes them: beams reordered, two sources dropped, beams reordered again.
-        With `switch_at`, the kernels go away after that many steps (the cache leaves the kernels'
-        table)."""
+    def run(m):
+        """Steps as search takes them: beams reordered, two sources dropped, beams reordered again."""
         logits = []
         n = 5 * beam
         with torch.no_grad():
-            state = model.init_state(model.encode(src, src != 0), beam, 10)
+            state = m.init_state(m.encode(src, src != 0), beam, 10)
             for i, tok in enumerate(tokens):
-                if i == switch_at:
-                    monkeypatch.setattr(T, "kernels", NO_KERNELS)
                 if i == 4:
                     keep = torch.tensor([0, 2, 4])
-                    state = model.reorder_state(state, (keep[:, None] * beam + torch.arange(beam)).view(-1), keep)
+                    state = m.reorder_state(state, (keep[:, None] * beam + torch.arange(beam)).view(-1), keep)
                     n = 3 * beam
-                logits.append(model.step(tok[:n], state)[0])
-                state = model.reorder_state(state, order if i < 4 else after)
-                # with the kernels, the cache stays and a table of rows follows the hypotheses
-                assert (state.rows is not None) == (T.kernels is kernels)
-                assert state.rows is None or state.rows.shape[0] == n
+                logits.append(m.step(tok[:n], state)[0])
+                state = m.reorder_state(state, order if i < 4 else after)
+                if m is fast:  # the cache stays and a table of rows follows the hypotheses
+                    assert isinstance(state, KernelState) and state.rows.shape[0] == n
         return torch.cat(logits)
 
-    calls = []
-    real = T.Transformer._kernel_step
-    monkeypatch.setattr(T.Transformer, "_kernel_step", lambda *a: calls.append(1) or real(*a))
-    fast = run()
-    assert len(calls) == len(tokens)  # every step took the kernel path
-    switched = run(switch_at=3)
-    slow = run()
     tol = INT8_TOL if int8 else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fast, slow, **tol)
-    torch.testing.assert_close(switched, slow, **tol)
+    torch.testing.assert_close(run(fast), run(model), **tol)
 
 
-def test_int8_copy_decodes_with_a_bfloat16_cache_close_to_a_float_one():
+def test_int8_engine_caches_in_bfloat16_close_to_float():
     from conftest import make_model
 
+    from transduce import engine as engines
+    from transduce.engine.kernels import KernelTransformer
     from transduce.models.quantize import quantize
     from transduce.search import beam_search
 
-    model = quantize(make_model("transformer-postnorm-learned", seed=7))
-    assert model.kernel_cache_dtype == torch.bfloat16
+    q = quantize(make_model("transformer-postnorm-learned", seed=7))
     torch.manual_seed(3)
     src = torch.randint(3, 13, (24, 7))
     src[5, 3:] = 0
 
-    def decode(dtype):
-        model.kernel_cache_dtype = dtype
+    def decode(m):
         with torch.no_grad():
-            caches = model.init_state(model.encode(src, src != 0), 1, 4).cache
-            return caches[0][0].dtype, [h[0].tokens for h in beam_search(model, src, src != 0, beam=3, max_len_a=1.0,
+            caches = m.init_state(m.encode(src, src != 0), 1, 4).cache
+            return caches[0][0].dtype, [h[0].tokens for h in beam_search(m, src, src != 0, beam=3, max_len_a=1.0,
                                                                           max_len_b=4)]
 
-    (half, got), (full, want) = decode(torch.bfloat16), decode(None)
+    (half, got), (full, want) = decode(engines.build(q, "kernels")), decode(KernelTransformer(q, torch.float32))
     assert half == torch.bfloat16 and full == torch.float32
     assert sum(a == b for a, b in zip(got, want)) >= 20, (got, want)  # near-ties may flip, as int8's do
 
@@ -460,30 +442,64 @@ def test_int8_copy_decodes_with_a_bfloat16_cache_close_to_a_float_one():
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-bert-style",
                                   "encoder-mlm", "encoder-classifier-first-postnorm"])
 @pytest.mark.parametrize("int8", [False, True])
-def test_encoder_on_kernels_same_as_modules(monkeypatch, name, int8):
+def test_encoder_on_the_kernel_engine_as_on_the_modules(monkeypatch, name, int8):
     from conftest import make_model
 
-    import transduce.models.transformer as T
+    import transduce.engine.kernels as K
+    from transduce import engine as engines
     from transduce.models.quantize import quantize
 
     model = quantize(make_model(name)) if int8 else make_model(name)
+    fast = engines.build(model, "kernels")
     torch.manual_seed(2)
     src = torch.randint(3, 11, (4, 9))
     src[1, 5:] = 0
     src[2, 1:] = 0
     calls = []
-    real = T.EncoderStack._kernel_encode
-    monkeypatch.setattr(T.EncoderStack, "_kernel_encode", lambda *a: calls.append(1) or real(*a))
-    graded = model.encode(src, src != 0).states  # with gradients: the modules' path
+    real = K.encode
+    monkeypatch.setattr(K, "encode", lambda *a: calls.append(1) or real(*a))
+    graded = fast.encode(src, src != 0).states  # with gradients: the modules' path
     assert not calls and graded.requires_grad
     with torch.no_grad():
-        fast = model.encode(src, src != 0).states
+        got = fast.encode(src, src != 0).states
         assert len(calls) == 1
-        monkeypatch.setattr(T, "kernels", NO_KERNELS)
-        slow = model.encode(src, src != 0).states
-    assert len(calls) == 1
-    torch.testing.assert_close(fast, slow, **(INT8_TOL if int8 else dict(rtol=1e-4, atol=1e-4)))
-    torch.testing.assert_close(graded.detach(), slow)
+        want = model.encode(src, src != 0).states
+    torch.testing.assert_close(got, want, **(INT8_TOL if int8 else dict(rtol=1e-4, atol=1e-4)))
+    torch.testing.assert_close(graded.detach(), want)
+    if not model.can_decode:  # a head on the kernels' encoder
+        with torch.no_grad():
+            torch.testing.assert_close(fast.scores(src, src != 0), model.scores(src, src != 0),
+                                       **(INT8_TOL if int8 else dict(rtol=1e-4, atol=1e-4)))
+
+
+def test_engine_choice():
+    from conftest import make_model
+
+    from transduce import engine as engines
+    from transduce.engine.kernels import KernelTransformer
+
+    model = make_model("transformer-prenorm")
+    assert engines.build(model, "torch") is model
+    assert isinstance(engines.build(model, "auto"), KernelTransformer)
+    assert engines.build(model, "kernels").describe() == model.describe()  # the model's own attributes
+    rnn = make_model("lstm-bahdanau")
+    assert engines.build(rnn, "auto") is rnn
+    with pytest.raises(ValueError, match="engine 'kernels': it runs Transformer stacks, not a RNNSeq2Seq"):
+        engines.build(rnn, "kernels")
+    with pytest.raises(ValueError, match="unknown engine 'fast'; valid choices: auto, kernels, torch"):
+        engines.build(model, "fast")
+
+
+def test_engine_without_the_kernels_is_torch_or_a_clear_error(monkeypatch):
+    from conftest import make_model
+
+    from transduce import engine as engines
+
+    monkeypatch.setitem(kernels._state, "ops", None)  # as on a machine where the build failed
+    model = make_model("transformer-prenorm")
+    assert engines.build(model, "auto") is model
+    with pytest.raises(ValueError, match="engine 'kernels': the CPU kernels are not built here"):
+        engines.build(model, "kernels")
 
 
 def int8_weights(n, k, g):
@@ -696,7 +712,7 @@ class MixedOps:
 
 @pytest.mark.parametrize("name", ["transformer-postnorm-geglu", "transformer-swiglu", "transformer-prenorm"])
 def test_int8_model_decodes_on_emulated_tiles_as_on_int_mm(monkeypatch, emulated_tiles, name):
-    # models/transformer.py and models/quantize.py with packed (3-D) weights, gated blocks included:
+    # engine/kernels.py and models/quantize.py with packed (3-D) weights, gated blocks included:
     # the encoder and the decoding step as the same model's on the _int_mm path
     from conftest import make_model
 
@@ -706,8 +722,9 @@ def test_int8_model_decodes_on_emulated_tiles_as_on_int_mm(monkeypatch, emulated
     src[1, 4:] = 0
 
     def decode():
-        model = quantize(make_model(name))
-        model.kernel_cache_dtype = None
+        from transduce.engine.kernels import KernelTransformer
+
+        model = KernelTransformer(quantize(make_model(name)), cache_dtype=torch.float32)
         with torch.no_grad():
             memory = model.encode(src, src != 0)
             state = model.init_state(memory, 1, 6)
@@ -1332,3 +1349,12 @@ def test_a_build_killed_midway_does_not_block_the_next(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", compile_)
     assert kernels.build() == lib
     assert seen == [(False, False, str(out))]
+
+
+def test_without_ninja_the_build_names_the_extra(tmp_path, monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("TRANSDUCE_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(ext, "is_ninja_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"ninja is not installed: pip install 'transduce\[fast\]'"):
+        kernels.build()

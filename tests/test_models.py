@@ -1,10 +1,10 @@
 """Checks every model family must pass (run on each entry of TINY_MODELS; the decoding
-checks on each family that decodes, DECODING_MODELS)."""
+checks on each family that decodes, on each engine that runs it: DECODING_CASES)."""
 from __future__ import annotations
 
 import torch
 
-from conftest import make_model, random_batch, vocab_sizes
+from conftest import make_engine, make_model, random_batch, vocab_sizes
 from transduce.checkpoint import load_model_tensors, read_checkpoint, save_checkpoint
 from transduce.data.pipeline import Batch
 from transduce.registry import build_model
@@ -33,9 +33,10 @@ def test_padding_does_not_change_real_positions(model_name):
             torch.testing.assert_close(full[i, :t], alone[0], atol=1e-5, rtol=1e-4)
 
 
-def test_incremental_decoding_equals_full_forward(decoding_model_name):
-    model = make_model(decoding_model_name)
-    batch = batch_for(decoding_model_name, b=4, seed=1)
+def test_incremental_decoding_equals_full_forward(decoding_case):
+    name, engine = decoding_case
+    model = make_engine(name, engine)
+    batch = batch_for(name, b=4, seed=1)
     with torch.no_grad():
         full = model(batch)
         state = model.init_state(model.encode(batch.src, batch.src_mask), 1, batch.tgt_in.shape[1])
@@ -48,13 +49,14 @@ def test_incremental_decoding_equals_full_forward(decoding_model_name):
     torch.testing.assert_close(inc[real], full[real], atol=1e-5, rtol=1e-4)
 
 
-def test_beam_rows_share_memory_and_reorder(decoding_model_name):
+def test_beam_rows_share_memory_and_reorder(decoding_case):
     """Stepping beam rows (folded per source) and reordering them equals per-row decoding."""
-    model = make_model(decoding_model_name)
-    batch = batch_for(decoding_model_name, b=3, seed=2)
+    name, engine = decoding_case
+    model = make_engine(name, engine)
+    batch = batch_for(name, b=3, seed=2)
     k, steps = 2, 4
     g = torch.Generator().manual_seed(0)
-    _, tgt_v = vocab_sizes(decoding_model_name)
+    _, tgt_v = vocab_sizes(name)
     paths = torch.randint(4, tgt_v, (3 * k, steps), generator=g)
     with torch.no_grad():
         memory = model.encode(batch.src, batch.src_mask)

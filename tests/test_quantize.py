@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from conftest import make_model, random_batch, vocab_sizes
+from transduce import engine as engines
 from transduce.models.quantize import Int8Linear, quantize
 from transduce.search import beam_search, greedy
 
@@ -35,11 +36,12 @@ def test_quantized_logits_stay_close(decoding_model_name):
     assert 0 < err.mean() < 0.05 and err.max() < 0.3, (err.mean(), err.max())  # different (int8), but close
 
 
-def test_quantized_model_decodes_like_float(decoding_model_name):
-    model = make_model(decoding_model_name, seed=6)
-    src_v, tgt_v = vocab_sizes(decoding_model_name)
+def test_quantized_model_decodes_like_float(decoding_case):
+    name, engine = decoding_case
+    model = make_model(name, seed=6)
+    src_v, tgt_v = vocab_sizes(name)
     batch = random_batch(16, 6, src_v, tgt_v)
-    q = quantize(model)
+    q = engines.build(quantize(model), engine)
     for search in (lambda m: greedy(m, batch.src, batch.src_mask, 1.0, 4),
                    lambda m: beam_search(m, batch.src, batch.src_mask, beam=3, nbest=1, max_len_a=1.0,
                                          max_len_b=4)):

@@ -62,7 +62,7 @@ def _translate(args) -> int:
 
         if args.attention or args.quantize in ("int8", "auto") or len(args.model) > 1:
             what = "--attention" if args.attention else "--quantize" if len(args.model) == 1 else "an ensemble"
-            raise ValueError(f"{what} needs --engine torch "
+            raise ValueError(f"{what} needs --engine torch, kernels or auto "
                              "(a CTranslate2 model is quantized by `transduce export --quantization`)")
         ct2 = CT2Translator(args.model[0], threads=args.threads or 0, workers=_workers(args) or 1)
         sources = _read_inputs(args)
@@ -96,17 +96,15 @@ def _decoding_run(args):
     """The run of `--model`, its model quantized as `--quantize` says, or else as the run's
     decode.quantize ("none": float32 whatever the run says). Several run directories: their
     ensemble, each member quantized so, decoding with the first one's settings."""
-    import dataclasses
-
     from transduce.inference import ensemble
-    from transduce.runs import load_run
-    from transduce.models.quantize import quantize, resolve
+    from transduce.models.quantize import resolve
+    from transduce.runs import load_run, run_config
 
-    runs = [load_run(m) for m in args.model]
-    kind = resolve(runs[0].config.decode.quantize if args.quantize is None else args.quantize)
-    if kind:
-        runs = [dataclasses.replace(r, model=quantize(r.model, kind)) for r in runs]
-    return ensemble(runs, args.model)
+    first = run_config(args.model[0]).decode
+    kind = resolve(first.quantize if args.quantize is None else args.quantize)
+    engine = getattr(args, "engine", None)
+    engine = first.engine if engine in (None, "ctranslate2") else engine
+    return ensemble([load_run(m, quantize=kind, engine=engine) for m in args.model], args.model)
 
 
 def _evaluate(args) -> int:
@@ -235,7 +233,7 @@ def _info(args) -> int:
     from transduce.checkpoint import checkpoint_dir, read_json
     from transduce.runs import load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, engine="torch")
     last = read_json(checkpoint_dir(Path(args.run_dir), "last") / "state.json")
     info = {
         **run.model.describe(),
@@ -278,7 +276,7 @@ def _export(args) -> int:
     from transduce.export.ctranslate2 import export
     from transduce.runs import load_run
 
-    run = load_run(args.model)
+    run = load_run(args.model, engine="torch")
     out = export(run, args.out_dir, args.quantization)
     print(json.dumps({"format": args.format, "quantization": args.quantization or "float32", "path": str(out)}))
     return 0
@@ -324,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "-m transduce train ... (see docs/distributed.md for several machines)")
     t.set_defaults(func=_train)
 
-    def decoding(q):
+    def decoding(q, ctranslate2: bool = False):
+        q.add_argument("--engine", choices=["auto", "kernels", "torch"] + (["ctranslate2"] if ctranslate2 else []),
+                       help="what runs the model: the CPU kernels, the PyTorch modules, or 'auto' (kernels "
+                            "where they apply; default: the run's decode.engine)"
+                            + ("; ctranslate2: --model EXPORT_DIR written by `transduce export`" if ctranslate2
+                               else ""))
         q.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the run's config")
         q.add_argument("--batch-size", type=int, help="inputs decoded together; default from config")
         q.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -333,9 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "decode.workers, 1); 2 on 2 cores is faster for a file of many batches")
         q.add_argument("--quantize", choices=["int8", "auto", "none"],
                        help="decode with the linear layers in int8 (CPU; weights per channel, activations "
-                            "per row): 1.2-1.4x float32's speed on the G2P model where the CPU has VNNI or "
-                            "AMX, within 0.1 point of its WER; 'auto': int8 on such a CPU, float32 elsewhere; "
-                            "'none' for float32 (default: the run's decode.quantize)")
+                            "per row); 'auto': int8 where the CPU multiplies int8 natively (VNNI or AMX), "
+                            "float32 elsewhere; 'none' for float32 (default: the run's decode.quantize)")
 
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",
                         description="Read one source per line, write one output per line, order preserved. "
@@ -345,11 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "probabilities; same vocabularies; decoding settings from the first); runs of both "
                          "directions (data.target_tokenizer.reverse): each direction proposes its n-best, all "
                          "rescore")
-    decoding(tr)
+    decoding(tr, ctranslate2=True)
     tr.add_argument("--nbest", type=int, help="hypotheses per input, written tab-separated")
-    tr.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch",
-                    help="decode with PyTorch (--model RUN_DIR) or CTranslate2 (--model EXPORT_DIR "
-                         "written by `transduce export`)")
     tr.add_argument("--input", help="input file (default: stdin)")
     tr.add_argument("--output", help="output file (default: stdout)")
     tr.add_argument("--attention", metavar="FILE.jsonl",

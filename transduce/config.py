@@ -238,6 +238,10 @@ class DecodeConfig:
     # linear layers in int8 (models/quantize.py; CPU), "auto" = int8 where the CPU multiplies int8
     # natively (VNNI or AMX), float32 elsewhere. Dev evaluation during training stays float32.
     quantize: Optional[Literal["int8", "auto"]] = None
+    # What runs the model when it decodes (`--engine` overrides; transduce/engine): "kernels" the CPU
+    # kernels (Transformer stacks), "torch" the PyTorch modules (the reference), "auto" kernels where
+    # they are built and apply. Dev evaluation during training follows it ("kernels" as "auto").
+    engine: Literal["auto", "kernels", "torch"] = "auto"
 
     def validate(self) -> None:
         if self.beam < 1 or self.nbest < 1 or self.nbest > self.beam:

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from transduce.checkpoint import CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json
+from transduce import engine as engines
 from transduce.config import Config, ConfigError
 from transduce.data.vocab import TextCodec
 from transduce.inference import LoadedRun
@@ -56,10 +57,12 @@ def load_codecs(run_dir: Path) -> tuple[TextCodec, TextCodec]:
     return out[0], out[1]
 
 
-def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = None) -> LoadedRun:
-    """Rebuild the model of a run directory from its files alone; `quantize="int8"` gives a
-    model for CPU decoding whose linear layers run in int8 (see models/quantize.py); "auto" does
-    where the CPU multiplies int8 natively."""
+def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = None,
+             engine: str | None = None) -> LoadedRun:
+    """Rebuild the model of a run directory from its files alone, as `engine` runs it (default:
+    the run's decode.engine; "torch": the modules themselves, see transduce/engine).
+    `quantize="int8"` gives a model for CPU decoding whose linear layers run in int8 (see
+    models/quantize.py); "auto" does where the CPU multiplies int8 natively."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
@@ -77,6 +80,7 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
 
         if (kind := resolve(quantize)) is not None:
             model = quantized(model, kind)
+    model = engines.build(model, engine or cfg.decode.engine)
     return LoadedRun(cfg, model, src, tgt, state, ckpt, task_for(cfg))
 
 

@@ -13,8 +13,7 @@ layer stays in the core's cache, and int8 linear layers (models/quantize.py):
 rows quantized, multiplied by `torch._int_mm` and scaled back in one call
 (on a CPU with AMX int8, on the tiles directly, weights packed once in their
 layout: `int8_tiles`, `int8_pack`).
-models/transformer.py's `_kernel_step` and `_kernel_encode` run inference on
-them. `attention_train.cpp` is attention with gradients (forward keeping the
+The `kernels` engine (transduce/engine/kernels.py) runs inference on them. `attention_train.cpp` is attention with gradients (forward keeping the
 probabilities, backward from them) for training on short rows, where
 PyTorch's flash kernel spends most of its time setting up blocks
 (`attend_train`, used by models/layers.py's `Attention` whenever gradients
@@ -33,7 +32,8 @@ the next projections (`add_norm_train`, used by models/layers.py's
 `beam_advance`, used by search.py): with decoding workers on threads, each
 small op of a step waited for the interpreter lock behind the others.
 
-The kernels are built with PyTorch's C++ extension builder (g++ and ninja, ~25 s on 2 cores) into
+The kernels are built with PyTorch's C++ extension builder (g++ and ninja: the `fast` extra; ~25 s on
+2 cores) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
 naming the sources, the PyTorch version and the CPU. `make install` builds them
 (`python -m transduce.kernels`); without a compiler, or with
@@ -101,8 +101,11 @@ def build(verbose: bool = False) -> Path:
             return lib
         except OSError:  # another process is still writing it: the build below waits on its lock
             pass
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import is_ninja_available, load
 
+    if not is_ninja_available():
+        raise RuntimeError("ninja is not installed: pip install 'transduce[fast]' (ninja and a C++ compiler build "
+                           "the kernels)")
     out.mkdir(parents=True, exist_ok=True)
     with _build_lock(out):
         if lib.exists():  # another process built it while this one waited

@@ -134,7 +134,4 @@ def quantize(model: nn.Module, kind: str = "int8") -> nn.Module:
             if type(child) is nn.Linear and id(child.weight) not in tied:
                 setattr(parent, name, Int8Linear(child))
     out.quantization = kind
-    # decoding caches in bfloat16 where the model's kernel step runs (models/transformer.py): keys and
-    # values rounded to 8 bits of mantissa, about as fine as the int8 activations that made them
-    out.kernel_cache_dtype = torch.bfloat16
     return out

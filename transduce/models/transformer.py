@@ -1,4 +1,7 @@
-"""Transformer encoder-decoder (Vaswani et al. 2017) with a key/value cache for search."""
+"""Transformer encoder-decoder (Vaswani et al. 2017) with a key/value cache for search.
+
+The modules are the reference; decoding on the CPU kernels is an engine built from them
+(transduce/engine/kernels.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,11 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transduce import kernels
 from transduce.models.base import EncoderDecoderModel, EncoderOutput
-from transduce.models.layers import (Attention, Embedding, FeedForward, GatedActivation, Residual, bf16_twin,
-                                     init_weights, reorder_cache)
-from transduce.models.quantize import Int8Linear
+from transduce.models.layers import Attention, Embedding, FeedForward, Residual, bf16_twin, init_weights, reorder_cache
 
 
 @dataclass
@@ -141,75 +141,6 @@ class DecoderLayer(nn.Module):
         return self.r3(x, self.ff)
 
 
-_NO_ROWS = torch.empty(0, dtype=torch.long)
-_EMPTY = torch.empty(0)
-
-
-def _gather_cache(state: "TransformerState", dtype: torch.dtype) -> None:
-    """Cache buffers in hypothesis order and in `dtype`, from the table `state.rows` (or as they are),
-    for the modules' path."""
-    t = state.t
-    n = state.cache[0][0].shape[0] if state.rows is None else state.rows.shape[0]
-    table = torch.arange(n)[:, None].expand(n, t) if state.rows is None else state.rows[:, :t]
-    cache = []
-    for k, v in state.cache:
-        _, h, tmax, dh = k.shape
-        # flat index of (row, head, position) in the (N, H, T_max, dh) buffers, one row of dh each
-        idx = (table[:, None, :] * (h * tmax) + torch.arange(h)[None, :, None] * tmax + torch.arange(t)).view(-1)
-        k2, v2 = k.new_empty((n, h, tmax, dh), dtype=dtype), v.new_empty((n, h, tmax, dh), dtype=dtype)
-        k2[:, :, :t] = k.view(-1, dh).index_select(0, idx).view(n, h, t, dh)
-        v2[:, :, :t] = v.view(-1, dh).index_select(0, idx).view(n, h, t, dh)
-        cache.append((k2, v2))
-    state.cache, state.rows, state.spare = cache, None, None
-
-
-def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x) for x (rows, in) float32, without the module call's overhead for an nn.Linear or an int8
-    copy's Int8Linear (models/quantize.py)."""
-    t = type(m)
-    if t is nn.Linear:
-        return F.linear(x, m.weight, m.bias)
-    if t is Int8Linear:
-        return kernels.ops().int8_linear(x, *m.packed)
-    return m(x)
-
-
-def _unbiased(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T, b) for an nn.Linear or an Int8Linear, whose bias the next kernel adds in its own pass;
-    (m(x), empty) for other modules."""
-    t = type(m)
-    if t is nn.Linear:
-        return F.linear(x, m.weight), (_EMPTY if m.bias is None else m.bias)
-    if t is Int8Linear:
-        w, scale, bias = m.packed
-        return kernels.ops().int8_linear(x, w, scale, _EMPTY), bias
-    return m(x), _EMPTY
-
-
-def _ffn(ops, ff: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down(act(up(x))) without down's bias, down's bias), for the next kernel to add: one kernel
-    call, in row blocks whose hidden layer stays in cache (an int8 copy's as int8)."""
-    up, down, act = ff.up, ff.down, ff.act
-    code = _GATES.get(act.gate) if type(act) is GatedActivation else _ACTS.get(
-        (type(act), getattr(act, "approximate", "none")))
-    if code is not None and type(up) is type(down):
-        if type(up) is nn.Linear:
-            return (ops.ffn(x, up.weight, _EMPTY if up.bias is None else up.bias, code, down.weight),
-                    _EMPTY if down.bias is None else down.bias)
-        if type(up) is Int8Linear:
-            (w1, s1, b1), (w2, s2, b2) = up.packed, down.packed
-            return ops.int8_ffn(x, w1, s1, b1, code, w2, s2), b2
-    return _unbiased(ff.down, ff.act(_linear(ff.up, x)))
-
-
-_ACTS = {(nn.ReLU, "none"): 1, (nn.GELU, "none"): 2}  # the feed-forward kernels' activation codes
-_GATES = {"gelu": 3, "silu": 4}  # and their gated units' (GEGLU, SwiGLU), by the gate's function
-
-
-def _norm(norm: nn.LayerNorm) -> tuple:
-    return norm.weight, norm.bias, norm.eps
-
-
 @dataclass
 class TransformerState:
     mem_kv: list                # per layer (k, v), each (B, H, S, dh): projected once
@@ -219,10 +150,6 @@ class TransformerState:
     beam: int
     attention: list | None      # if recording: per step, per layer (N, H, S) cross-attention
     spare: list | None = None   # buffers shaped like `cache` that the next beam reorder fills
-    # (N, max_len) int64 or None: with the CPU kernels, reorders (beams selected, sources dropped)
-    # leave the cache where it is and reorder this table instead: position j < t of hypothesis n
-    # lies in cache row rows[n, j]. The cache may then have more rows than there are hypotheses.
-    rows: torch.Tensor | None = None
 
 
 class EncoderStack(EncoderDecoderModel):
@@ -237,40 +164,10 @@ class EncoderStack(EncoderDecoderModel):
         # src (B, S) ids; src_mask (B, S) True at real tokens
         assert src.shape == src_mask.shape and src.dim() == 2, (src.shape, src_mask.shape)
         x = self.src_embed(src)
-        if not self.training and not torch.is_grad_enabled() and x.device.type == "cpu" \
-                and x.dtype == torch.float32 and src_mask.dtype == torch.bool:
-            ops = kernels.ops()
-            if ops is not None:
-                return EncoderOutput(self._kernel_encode(ops, x, src_mask.contiguous()), src_mask)
         mask = src_mask[:, None, None, :]
         for layer in self.encoder:
             x = layer(x, mask)
         return EncoderOutput(self.enc_norm(x), src_mask)  # states (B, S, D)
-
-    def _kernel_encode(self, ops, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The encoder layers for inference on the CPU kernels, on (B * S, D) rows: attention in one
-        pass per row and head, the output projections' biases, residual adds and LayerNorms in one
-        pass each (see Transformer._kernel_step). x (B, S, D) embedded; mask (B, S) bool."""
-        c = self.config
-        b, s, d = x.shape
-        heads, scale = c.heads, (d // c.heads) ** -0.5
-        layers = list(self.encoder)
-        pre = c.norm == "pre"
-        x = x.reshape(b * s, d)
-        h = F.layer_norm(x, (d,), *_norm(layers[0].r1.norm)) if pre else x
-        for i, layer in enumerate(layers):
-            a, ff = layer.attn, layer.ff
-            qkv = _linear(a.qkv, h).view(b, s, 3 * d)
-            q, k, v = (t.view(b, s, heads, d // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
-            o = ops.attend(q, k, v, mask, 1, False, scale).view(b * s, d)
-            if pre:
-                h, x = ops.add_norm(x, *_unbiased(a.out, o), *_norm(layer.r2.norm), True)
-                last = layers[i + 1].r1.norm if i + 1 < len(layers) else self.enc_norm
-                h, x = ops.add_norm(x, *_ffn(ops, ff, h), *_norm(last), True)
-            else:
-                h = x = ops.add_norm(x, *_unbiased(a.out, o), *_norm(layer.r1.norm), False)[0]
-                h = x = ops.add_norm(x, *_ffn(ops, ff, h), *_norm(layer.r2.norm), False)[0]
-        return (h if pre else self.enc_norm(x)).view(b, s, d)
 
     def init_pretrained(self, source, target) -> list[str]:
         """Load `model.init_encoder` (see models/bert.py); returns what was loaded, for the log."""
@@ -329,30 +226,14 @@ class Transformer(EncoderStack):
         # matmuls would copy them to fold B and H at every step.
         mem_kv = [tuple(t.contiguous() for t in layer.cross_attn.project_kv(memory.states)) for layer in self.decoder]
         like = memory.states
-        # An int8 copy keeps its keys and values in bfloat16 for the kernel step (quantize sets
-        # kernel_cache_dtype): half the bytes a beam's step reads, within its int8 rounding.
-        dtype = like.dtype
-        if getattr(self, "kernel_cache_dtype", None) is not None and self._kernel_ready(like, record_attention):
-            dtype = self.kernel_cache_dtype
         # positions are written before they are read: no need to clear them
-        cache = [(like.new_empty(b * beam, c.heads, max_len, dh, dtype=dtype),
-                  like.new_empty(b * beam, c.heads, max_len, dh, dtype=dtype)) for _ in self.decoder]
+        cache = [(like.new_empty(b * beam, c.heads, max_len, dh), like.new_empty(b * beam, c.heads, max_len, dh))
+                 for _ in self.decoder]
         return TransformerState(mem_kv, memory.mask[:, None, None, :], cache, 0, beam,
                                 [] if record_attention else None)
 
-    def _kernel_ready(self, like: torch.Tensor, record_attention: bool) -> bool:
-        """Whether decoding steps run on the CPU kernels (`_kernel_step`)."""
-        return not record_attention and not self.training and not torch.is_grad_enabled() \
-            and like.device.type == "cpu" and self.tgt_embed.tokens.weight.dtype == torch.float32 \
-            and kernels.ops() is not None
-
     def step(self, tokens: torch.Tensor, state: TransformerState) -> tuple[torch.Tensor, TransformerState]:
         # tokens (N,) with N = B * beam -> logits (N, V)
-        if self._kernel_ready(tokens, state.attention is not None):
-            return self._kernel_step(kernels.ops(), tokens, state), state
-        dtype = state.mem_kv[0][0].dtype
-        if state.rows is not None or state.cache[0][0].dtype != dtype:  # as the modules keep it
-            _gather_cache(state, dtype)
         x = self.tgt_embed(tokens[:, None], start=state.t)
         weights = [] if state.attention is not None else None
         for layer, (k, v), cache in zip(self.decoder, state.mem_kv, state.cache):
@@ -362,47 +243,6 @@ class Transformer(EncoderStack):
         state.t += 1
         return self.output(self.dec_norm(x[:, 0])), state
 
-    def _kernel_step(self, ops, tokens: torch.Tensor, state: TransformerState) -> torch.Tensor:
-        """`step` for inference on the CPU kernels (transduce/kernels): the same computation on
-        (N, D) rows, with a sublayer's residual add, its projection's bias and LayerNorm in one
-        pass, and the new key and value (plus their biases) written into the cache by the
-        self-attention kernel. A step's work is a few hundred kB per op, where the module path's
-        ~300 small tensor ops (views, copies, separate adds and norms) cost as much as the matmuls."""
-        c, e = self.config, self.tgt_embed
-        t = state.t
-        if t >= e.max_positions:
-            raise ValueError(f"sequence of {t + 1} positions exceeds model.max_positions={e.max_positions}")
-        pos = e.positions.weight[t] if e.positions is not None else e.table[t]
-        x = F.embedding(tokens, e.tokens.weight)
-        x = torch.add(pos, x, alpha=e.scale) if e.scale != 1.0 else x + pos
-        if isinstance(e.norm, nn.LayerNorm):
-            x = F.layer_norm(x, (c.d_model,), *_norm(e.norm))
-        mask = state.src_mask.view(state.src_mask.shape[0], -1)
-        scale = (c.d_model // c.heads) ** -0.5
-        pre = c.norm == "pre"
-        table = _NO_ROWS if state.rows is None else state.rows
-        layers = list(self.decoder)
-        if pre:
-            h = F.layer_norm(x, (c.d_model,), *_norm(layers[0].r1.norm))
-        for i, (layer, (mk, mv), (ck, cv)) in enumerate(zip(layers, state.mem_kv, state.cache)):
-            sa, ca, ff = layer.self_attn, layer.cross_attn, layer.ff
-            # projections leave their biases to the kernel that reads their output (_unbiased)
-            if pre:  # x: the residual stream; h: its normalised copy, the sublayer's input
-                a = ops.self_step(*_unbiased(sa.qkv, h), ck, cv, t, scale, table)
-                h, x = ops.add_norm(x, *_unbiased(sa.out, a), *_norm(layer.r2.norm), True)
-                a = ops.attend_step(_linear(ca.q, h), mk, mv, mask, state.beam, scale)
-                h, x = ops.add_norm(x, *_unbiased(ca.out, a), *_norm(layer.r3.norm), True)
-                last = layers[i + 1].r1.norm if i + 1 < len(layers) else self.dec_norm
-                h, x = ops.add_norm(x, *_ffn(ops, ff, h), *_norm(last), True)
-            else:
-                a = ops.self_step(*_unbiased(sa.qkv, x), ck, cv, t, scale, table)
-                x = ops.add_norm(x, *_unbiased(sa.out, a), *_norm(layer.r1.norm), False)[0]
-                a = ops.attend_step(_linear(ca.q, x), mk, mv, mask, state.beam, scale)
-                x = ops.add_norm(x, *_unbiased(ca.out, a), *_norm(layer.r2.norm), False)[0]
-                x = ops.add_norm(x, *_ffn(ops, ff, x), *_norm(layer.r3.norm), False)[0]
-        state.t += 1
-        return _linear(self.output, h if pre else self.dec_norm(x))
-
     def reorder_state(self, state: TransformerState, rows: torch.Tensor | None,
                       batch: torch.Tensor | None = None) -> TransformerState:
         """Keep cache rows `rows` (beam selection); keep sources `batch` (finished ones dropped)."""
@@ -411,16 +251,7 @@ class Transformer(EncoderStack):
             state.src_mask = state.src_mask.index_select(0, batch)
         if rows is None:
             return state
-        cache = state.cache[0][0]
-        if state.rows is None and state.attention is None and cache.dtype in (torch.float32, torch.bfloat16) \
-                and cache.device.type == "cpu" and kernels.ops() is not None:
-            state.rows = torch.arange(cache.shape[0])[:, None].repeat(1, cache.shape[2])
-        if state.rows is None:
-            state.cache, state.spare = reorder_cache(state.cache, rows, state.t, state.spare)
-        else:  # the table follows the hypotheses, the cache stays (the kernel set rows[n, t - 1] = n);
-            # with sources dropped, hypothesis i writes its next positions into cache row i: no
-            # hypothesis reads a row's position before its own step has written it
-            state.rows = state.rows.index_select(0, rows)
+        state.cache, state.spare = reorder_cache(state.cache, rows, state.t, state.spare)
         return state
 
     def describe(self) -> dict:

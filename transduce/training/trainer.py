@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transduce import hoststeal
+from transduce import engine as engines, hoststeal
 from transduce.checkpoint import (CheckpointError, RunDirWriteError, average_checkpoints, checkpoint_dir,
                                   load_model_tensors, load_tensors, optimizer_join, read_checkpoint, read_json,
                                   rng_state, save_checkpoint, set_rng_state, step_checkpoints)
@@ -245,6 +245,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
     bf16 = use_bf16(tc.bf16, ctx.device)
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
+    dev_engine = "torch" if cfg.decode.engine == "torch" else "auto"
+
     def evaluate() -> dict:
         """Dev metrics (rank 0 only); decoding runs on the CPU."""
         eval_model = model
@@ -253,7 +255,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
             eval_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
         eval_model.eval()
         result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam,
-                                           model=eval_model)
+                                           model=engines.build(eval_model, dev_engine))
         model.train()
         return result
 
@@ -473,7 +475,8 @@ def _average_last(cfg: Config, run_dir: Path, state: dict, view: LoadedRun, dev_
     model.eval()
     metric = cfg.eval.metrics[0]
     t = time.monotonic()
-    result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam, model=model)
+    result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam,
+                                       model=engines.build(model, "torch" if cfg.decode.engine == "torch" else "auto"))
     best = is_better(metric, result[metric], state["best"])
     log.info("average of the last %d checkpoints (%s .. %s): dev %s%s", len(paths), names[0], names[-1],
              json.dumps(result), f"; better than {state['best']} at step {state['best_step']}, now best"
