@@ -12,7 +12,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one thread per worke
     torch.set_num_threads(1)
 
 from transduce.data.pipeline import Batch, pad
-from transduce.data.vocab import BOS, EOS, PAD
+from transduce.config import Config
+from transduce.data.vocab import BOS, EOS, PAD, SPECIALS, CharTokenizer, TextCodec, Vocab, WhitespaceTokenizer
+from transduce.inference import LoadedRun
 from transduce.registry import build_model
 from transduce.models.encoder import EncoderClassifierConfig, EncoderMLMConfig, EncoderTaggerConfig
 from transduce.models.lm import DecoderOnlyConfig, PrefixLMConfig
@@ -141,3 +143,32 @@ def random_batch(b: int = 4, seed: int = 0, src_v: int = SRC_V, tgt_v: int = TGT
     tgts = [[g.randrange(4, tgt_v) for _ in range(g.randint(1, 8))] for _ in range(b)]
     src = pad(srcs)
     return Batch(src, src != PAD, pad([[BOS] + t for t in tgts]), pad([t + [EOS] for t in tgts]))
+
+
+def member(name: str, seed: int, vocab: int = 11):
+    """A tiny model of `name` with random weights, reading and writing one `vocab`-symbol vocabulary
+    (a single-stack model has only one)."""
+    torch.manual_seed(seed)
+    model = build_model(TINY_MODELS[name](), vocab, vocab)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def token_logprobs(model, src, mask, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens) + 1, V) teacher-forced log-probabilities after <s> and each token."""
+    with torch.no_grad():
+        logits = model(Batch(src, mask, torch.tensor([[BOS] + tokens]), torch.tensor([tokens + [EOS]])))
+    return torch.log_softmax(logits[0].float(), -1)
+
+
+def fake_run(name: str, seed: int) -> LoadedRun:
+    model = make_model(name, seed=seed)
+    src_v = model.src_embed.tokens.num_embeddings
+    tgt_v = model.tgt_embed.tokens.num_embeddings
+    src = TextCodec(CharTokenizer(), Vocab(SPECIALS + [chr(ord("a") + i) for i in range(src_v - 4)]))
+    tgt = TextCodec(WhitespaceTokenizer(), Vocab(SPECIALS + [f"P{i}" for i in range(tgt_v - 4)]))
+    cfg = Config(model=model.config)
+    cfg.decode.max_len_a, cfg.decode.max_len_b = 1.0, 4
+    return LoadedRun(cfg, model, src, tgt, {}, None)

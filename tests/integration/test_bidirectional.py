@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import random_batch
-from tests.test_ensemble import member, token_logprobs
-from tests.toyrun import toy_config, toy_data
+from conftest import member, token_logprobs
+from toyrun import toy_config, toy_data
 from transduce.checkpoint import CheckpointError
 from transduce.cli import main
 from transduce.config import DecodeConfig, TokenizerConfig

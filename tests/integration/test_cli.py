@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.cmudict.max_words=1500", "model.d_model=32", "model.ff_dim=64", "model.heads=2",
         "model.encoder_layers=1", "model.decoder_layers=1", "train.warmup_steps=10",
         "train.batch_tokens=800", "train.log_every=5", "train.eval_every=10", "train.eval_max_items=30",

@@ -6,22 +6,11 @@ import random
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import fake_run
 from transduce.config import Config
 from transduce.data.vocab import SPECIALS, CharTokenizer, TextCodec, Vocab, WhitespaceTokenizer
 from transduce.export.ctranslate2 import CT2Translator, export
 from transduce.inference import LoadedRun, decode
-
-
-def fake_run(name: str, seed: int) -> LoadedRun:
-    model = make_model(name, seed=seed)
-    src_v = model.src_embed.tokens.num_embeddings
-    tgt_v = model.tgt_embed.tokens.num_embeddings
-    src = TextCodec(CharTokenizer(), Vocab(SPECIALS + [chr(ord("a") + i) for i in range(src_v - 4)]))
-    tgt = TextCodec(WhitespaceTokenizer(), Vocab(SPECIALS + [f"P{i}" for i in range(tgt_v - 4)]))
-    cfg = Config(model=model.config)
-    cfg.decode.max_len_a, cfg.decode.max_len_b = 1.0, 4
-    return LoadedRun(cfg, model, src, tgt, {}, None)
 
 
 @pytest.mark.parametrize("name", ["transformer-prenorm", "transformer-postnorm-learned", "transformer-shared",

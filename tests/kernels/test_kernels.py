@@ -671,7 +671,7 @@ LINEAR_OPS = ("int8_linear", "int8_ffn", "ffn", "int8_tiles", "int8_pack")  # li
 
 @pytest.fixture(scope="module")
 def emulated_tiles(tmp_path_factory):
-    """linear.cpp built once more with tests/amx_emulation.h: the AMX path's code (packing, blocks,
+    """linear.cpp built once more with tests/kernels/amx_emulation.h: the AMX path's code (packing, blocks,
     quantization, gated units) on tiles in software, on any CPU with AVX-512; its ops."""
     if not avx512():
         pytest.skip("the AMX path's own vector code needs AVX-512 (F, BW, VL)")

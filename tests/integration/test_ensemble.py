@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_MODELS, make_model, random_batch
-from tests.toyrun import toy_config, toy_data
+from conftest import make_model, member, random_batch, token_logprobs
+from toyrun import toy_config, toy_data
 from transduce.checkpoint import CheckpointError
 from transduce.cli import main
 from transduce.data.pipeline import Batch
@@ -23,24 +23,6 @@ from transduce.search import Ensemble, beam_search, greedy, max_lengths
 from transduce.training.trainer import train
 
 MEMBERS = ["transformer-prenorm", "lstm-bahdanau", "prefix-lm"]  # three families, one vocabulary
-
-
-def member(name: str, seed: int, vocab: int = 11):
-    """A tiny model of `name` with random weights, reading and writing one `vocab`-symbol vocabulary
-    (a single-stack model has only one)."""
-    torch.manual_seed(seed)
-    model = build_model(TINY_MODELS[name](), vocab, vocab)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def token_logprobs(model, src, mask, tokens: list[int]) -> torch.Tensor:
-    """(len(tokens) + 1, V) teacher-forced log-probabilities after <s> and each token."""
-    with torch.no_grad():
-        logits = model(Batch(src, mask, torch.tensor([[BOS] + tokens]), torch.tensor([tokens + [EOS]])))
-    return torch.log_softmax(logits[0].float(), -1)
 
 
 def mixture_logprob(models, src, mask, tokens: list[int]) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.toyrun import records, toy_config, toy_data, write_config, toy_raw
+from toyrun import records, toy_config, toy_data, write_config, toy_raw
 from transduce.checkpoint import (CheckpointError, average_checkpoints, average_run, checkpoint_dir,
                                   read_checkpoint, read_json, save_checkpoint, step_checkpoints)
 from transduce.cli import main

@@ -22,7 +22,7 @@ from transduce.checkpoint import CheckpointError, RunDirWriteError, checkpoint_d
 from transduce.registry import config_from_dict
 from transduce.training.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 
 

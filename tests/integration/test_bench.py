@@ -10,7 +10,7 @@ import pytest
 
 from toyrun import toy_data, toy_raw, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench(script: str, *args, cwd: Path = ROOT) -> str:

@@ -16,7 +16,7 @@ from transduce.registry import config_from_dict
 from transduce.data.pipeline import epoch_plan
 from transduce.training.trainer import prepare, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def raw_config(data: Path, **train) -> dict:

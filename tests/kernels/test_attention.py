@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from test_export_ct2 import fake_run
+from conftest import fake_run
 from transduce.attention import attention_records, cross_attention, plot_attention, select
 from transduce.data.pipeline import pad
 from transduce.data.vocab import BOS, PAD
