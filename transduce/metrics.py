@@ -156,3 +156,37 @@ def tagging_metrics(metrics: list[str], gold: list[list[str]], pred: list[list[s
     out = {"token_accuracy": 100.0 * sum(a == b for a, b in zip(flat_g, flat_p, strict=True)) / max(1, len(flat_g)),
            "entity_f1": _f1(tp, fp, fn), "label_f1": macro_f1(flat_g, flat_p, skip=("O",))}
     return {m: round(out[m], 4) for m in metrics}
+
+
+# ---------------------------------------------------------------------------
+# Forecasting
+# ---------------------------------------------------------------------------
+
+FORECAST_METRICS = ("mase", "mae", "rmse", "crps", "quantile_loss", "coverage")
+
+
+def forecast_metrics(metrics: list[str], actual, point, quantiles: dict, mase_scale, crps=None) -> dict:
+    """Point and probabilistic scores of forecasts, over every window, step and target column.
+
+    actual, point (W, H, T); quantiles {level: (W, H, T)}; mase_scale (T,) the in-sample
+    seasonal-naive mean absolute error of each target on the training series (Hyndman & Koehler
+    2006); crps (W, H, T) where the forecast's distribution gives it in closed form, else the
+    quantile approximation 2 x mean pinball loss over the levels. `quantile_loss` is that mean
+    pinball loss; `coverage` the share of actuals inside the outermost levels' interval (%)."""
+    import numpy as np
+
+    actual, point = np.asarray(actual, dtype=np.float64), np.asarray(point, dtype=np.float64)
+    err = actual - point
+    levels = sorted(quantiles)
+    pin = [np.maximum(q * (actual - quantiles[q]), (q - 1) * (actual - quantiles[q])) for q in levels]
+    qloss = np.mean(pin, axis=0) if pin else np.zeros_like(actual)
+    out = {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
+           "mase": float((np.abs(err) / np.asarray(mase_scale, dtype=np.float64)).mean()),
+           "quantile_loss": float(qloss.mean()),
+           "crps": float(np.mean(crps) if crps is not None else 2 * qloss.mean())}
+    if levels:
+        inside = (actual >= quantiles[levels[0]]) & (actual <= quantiles[levels[-1]])
+        out["coverage"] = 100.0 * float(inside.mean())
+    else:
+        out["coverage"] = float("nan")
+    return {m: round(out[m], 4) for m in metrics}

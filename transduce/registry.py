@@ -14,8 +14,11 @@ from transduce.models.encoder import (EncoderClassifier, EncoderClassifierConfig
                                       EncoderTagger, EncoderTaggerConfig)
 from transduce.models.lm import DecoderOnly, DecoderOnlyConfig, PrefixLM, PrefixLMConfig
 from transduce.models.rnn import RNNConfig, RNNSeq2Seq
+from transduce.models.series import (Forecaster, ForecasterConfig, SeriesRNN, SeriesRNNConfig, SeriesTransformer,
+                                     SeriesTransformerConfig)
 from transduce.models.transformer import Transformer, TransformerConfig
 from transduce.tasks import ClassifyTask, DenoiseTask, MLMTask, MultitaskTask, Seq2SeqTask, TagTask, Task
+from transduce.tasks.forecast import ForecastBinsTask, ForecastTask
 
 # family name -> (config dataclass, model class); a model is built as cls(config, src_vocab, tgt_vocab)
 FAMILIES: dict[str, tuple[type, type]] = {
@@ -26,7 +29,13 @@ FAMILIES: dict[str, tuple[type, type]] = {
     "encoder_mlm": (EncoderMLMConfig, EncoderMLM),                       # target vocabulary = source vocabulary
     "encoder_classifier": (EncoderClassifierConfig, EncoderClassifier),  # target vocabulary = the labels
     "encoder_tagger": (EncoderTaggerConfig, EncoderTagger),
+    # real-valued vectors in (models/series.py): source "vocabulary" = the input columns
+    "series_transformer": (SeriesTransformerConfig, SeriesTransformer),
+    "series_rnn": (SeriesRNNConfig, SeriesRNN),
+    "forecaster": (ForecasterConfig, Forecaster),                        # target "vocabulary" = the target columns
 }
+# families whose source is vectors, not tokens
+VECTOR_FAMILIES = ("series_transformer", "series_rnn", "forecaster")
 MODEL_CONFIGS = {name: config for name, (config, _) in FAMILIES.items()}
 
 # the encoder-only families' tasks; the families with a decoder take theirs from the data (task_for)
@@ -42,6 +51,10 @@ def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int):
 def task_for(cfg: Config) -> Task:
     """The task of `cfg`'s model family; families with a decoder are seq2seq unless the data says
     otherwise (data.objective 'denoise', data.dataset 'multitask')."""
+    if cfg.model.family == "forecaster":
+        return ForecastTask(cfg.data.forecast)
+    if cfg.data.task == "forecast":
+        return ForecastBinsTask(cfg.data.forecast)
     if cfg.model.family in ENCODER_TASKS:
         return ENCODER_TASKS[cfg.model.family]
     if cfg.data.objective == "denoise":

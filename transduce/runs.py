@@ -21,6 +21,7 @@ from pathlib import Path
 from transduce.checkpoint import CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json
 from transduce import engine as engines
 from transduce.config import Config, ConfigError
+from transduce.data.series import series_codec
 from transduce.data.vocab import TextCodec
 from transduce.inference import LoadedRun
 from transduce.io import atomic_write_text
@@ -49,7 +50,8 @@ def load_codecs(run_dir: Path) -> tuple[TextCodec, TextCodec]:
     for side in ("source", "target"):
         path = Path(run_dir) / f"{side}_codec.json"
         try:
-            out.append(TextCodec.from_dict(read_json(path)))
+            d = read_json(path)
+            out.append(series_codec(d) or TextCodec.from_dict(d))
         except (KeyError, ValueError, TypeError) as e:
             if isinstance(e, CheckpointError):
                 raise

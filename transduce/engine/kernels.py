@@ -35,6 +35,8 @@ def runs_on_kernels(model: nn.Module) -> str | None:
         return f"it runs Transformer stacks, not a {type(model).__name__}"
     if model.training:
         return "the model is in training mode"
+    if not isinstance(getattr(model.src_embed, "tokens", None), nn.Embedding):
+        return "its inputs are real-valued vectors, not tokens"
     weight = model.src_embed.tokens.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return f"it runs float32 weights on the CPU (these are {weight.dtype} on {weight.device.type})"

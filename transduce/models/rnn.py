@@ -152,11 +152,15 @@ class RNNSeq2Seq(EncoderDecoderModel):
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
         # src (B, S) -> states (B, S, E); final (B, E) kept on the output for the bridge
         assert src.shape == src_mask.shape and src.dim() == 2, (src.shape, src_mask.shape)
+        return self.encode_embedded(self.src_embed(src), src_mask)
+
+    def encode_embedded(self, x: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
+        """The encoder RNN over embedded inputs x (B, S, D) (vector front-ends: models/series.py)."""
         lengths = src_mask.sum(1).cpu()
-        x = self.dropout(self.src_embed(src))
+        x = self.dropout(x)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, hidden = self.encoder(packed)
-        states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        states, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         h = hidden[0] if isinstance(hidden, tuple) else hidden        # (layers*dirs, B, H)
         dirs = 2 if self.config.bidirectional else 1
         final = torch.cat([h[-dirs + d] for d in range(dirs)], -1)     # top layer, (B, E)

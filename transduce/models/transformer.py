@@ -163,7 +163,10 @@ class EncoderStack(EncoderDecoderModel):
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
         # src (B, S) ids; src_mask (B, S) True at real tokens
         assert src.shape == src_mask.shape and src.dim() == 2, (src.shape, src_mask.shape)
-        x = self.src_embed(src)
+        return self.encode_embedded(self.src_embed(src), src_mask)
+
+    def encode_embedded(self, x: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
+        """The stack over embedded inputs x (B, S, D) (vector front-ends: models/series.py)."""
         mask = src_mask[:, None, None, :]
         for layer in self.encoder:
             x = layer(x, mask)

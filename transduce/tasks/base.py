@@ -12,9 +12,10 @@ CLI ask the run's task (`registry.task_for(cfg)`) and never the family:
 trainer reads, so that a fine-tuned model's embedding rows keep their
 meaning.
 
-Every task's batches keep the training contract: the loss is the
-cross-entropy of `model(batch)` (B, T, C) against `batch.labels` (B, T), PAD
-ignored, so the training loop has no task-specific code.
+The training loop's loss is `task.loss(model(batch), batch, cfg)`, summed over
+the batch's `n_tgt_tokens`: for every token task the cross-entropy of
+`model(batch)` (B, T, C) against `batch.labels` (B, T), PAD ignored; a
+regression task (tasks/forecast.py) scores its distribution's parameters.
 """
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
 from transduce.config import Config
 from transduce.data.pipeline import EncodedPairs
 from transduce.data.readers import DataError, Pair, ReadReport
-from transduce.data.vocab import TextCodec
+from transduce.data.vocab import PAD, TextCodec
 
 log = logging.getLogger("transduce")
 
@@ -53,6 +57,10 @@ class Task:
         """Raise ValueError("key: problem") for a config this task cannot train on."""
         check_metrics(self, cfg)
 
+    def loss(self, out: torch.Tensor, batch, cfg: Config) -> torch.Tensor:
+        """The summed training loss of the model's output on `batch`."""
+        return sequence_loss(out, batch.labels, cfg.train.label_smoothing)
+
     def fit_codecs(self, cfg: Config, train: list[Pair], init: InitCodecs | None = None
                    ) -> tuple[TextCodec, TextCodec]:
         raise NotImplementedError
@@ -71,6 +79,12 @@ class Task:
                  batch_size: int | None = None, model=None) -> tuple[dict, list[tuple]]:
         """(metrics, rows of (input, output, references)) of `run` on `pairs`."""
         raise NotImplementedError
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Summed label-smoothed cross-entropy over non-PAD labels. logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=PAD, label_smoothing=smoothing, reduction="sum")
 
 
 def check_metrics(task, cfg: Config) -> None:

@@ -24,7 +24,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from transduce import engine as engines, hoststeal
 from transduce.checkpoint import (CheckpointError, RunDirWriteError, average_checkpoints, checkpoint_dir,
@@ -39,6 +38,7 @@ from transduce.io import atomic_write_text
 from transduce.metrics import is_better
 from transduce.registry import build_model, task_for
 from transduce.runs import check_resumable, codec_texts as read_codec_texts, fingerprint, init_codecs, load_codecs, save_config
+from transduce.tasks.base import sequence_loss  # noqa: F401  (the token tasks' loss; bench/ imports it here)
 from transduce.training.warmstart import initial_weights
 from transduce.training import distributed
 from transduce.precision import use_bf16
@@ -70,12 +70,6 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
               {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel over all parameters; the per-tensor loop costs ~10x more on CPU.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
-
-
-def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Summed label-smoothed cross-entropy over non-PAD labels. logits (B, T, V), labels (B, T)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=PAD, label_smoothing=smoothing, reduction="sum")
 
 
 class MetricsLog:
@@ -157,7 +151,7 @@ def _prepare(cfg: Config, run_dir: Path, resuming: bool, ctx: distributed.Dist):
 def _to(b: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return b
-    return Batch(*(t.to(device, non_blocking=True) for t in (b.src, b.src_mask, b.tgt_in, b.labels)))
+    return type(b)(*(t.to(device, non_blocking=True) for t in (b.src, b.src_mask, b.tgt_in, b.labels)))
 
 
 def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dict:
@@ -241,7 +235,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
              len(data.src), len(src_codec.vocab), len(tgt_codec.vocab))
 
     metric = cfg.eval.metrics[0]
-    view = LoadedRun(cfg, model, src_codec, tgt_codec, state, run_dir, task_for(cfg))
+    task = task_for(cfg)
+    view = LoadedRun(cfg, model, src_codec, tgt_codec, state, run_dir, task)
     bf16 = use_bf16(tc.bf16, ctx.device)
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
@@ -362,7 +357,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
                 with sync:
                     with autocast():
                         logits = net(b)
-                    loss = sequence_loss(logits, b.labels, tc.label_smoothing) * ctx.world / n_tokens
+                    loss = task.loss(logits, b, cfg) * ctx.world / n_tokens
                     loss.backward()
                 loss_sum += float(loss.detach())
             grad_norm = clip_gradients(model.parameters(), tc.clip_norm)
