@@ -202,6 +202,30 @@ def _tag(args) -> int:
     return 0
 
 
+def _forecast(args) -> int:
+    from transduce.data.series import read_series
+    from transduce.runs import load_run
+    from transduce.tasks.forecast import forecast_rows
+
+    run = load_run(args.model)
+    _threads(args.threads)
+    if run.config.data.task != "forecast":
+        raise ValueError(f"{args.model}: a {run.config.model.family} model trained on "
+                         f"data.task {run.config.data.task!r}, not a forecasting run")
+    series = read_series(args.input, run.config.data.forecast, list(run.source.columns))
+    rows = forecast_rows(run, series, args.horizon)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        keys = list(rows[0])
+        out.write(",".join(keys) + "\n")
+        for r in rows:
+            out.write(",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
 def _generate(args) -> int:
     from transduce.inference import generate
     from transduce.runs import load_run
@@ -238,12 +262,14 @@ def _info(args) -> int:
     info = {
         **run.model.describe(),
         "source_vocab": len(run.source.vocab), "target_vocab": len(run.target.vocab),
-        "source_tokenizer": run.source.tokenizer.kind, "target_tokenizer": run.target.tokenizer.kind,
+        # a series run's codecs are its normalisation (or value bins), named by their kind
+        **{f"{side}_tokenizer": getattr(getattr(run, side), "tokenizer", getattr(run, side)).kind
+           for side in ("source", "target")},
         "best_checkpoint": str(run.checkpoint),
         "training": {k: last.get(k) for k in ("step", "epoch", "elapsed_s", "tokens", "best", "best_step")},
     }
     for side in ("source", "target"):  # ids that run last symbol first (data.*_tokenizer.reverse)
-        if getattr(run, side).reverse:
+        if getattr(getattr(run, side), "reverse", False):
             info[f"{side}_order"] = "right to left"
     averaged = read_json(run.checkpoint / "state.json").get("averaged_from")
     if averaged:  # the weights `translate` uses are a mean (transduce average, train.average_last)
@@ -442,6 +468,17 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     ge.set_defaults(func=_generate)
 
+    fo = sub.add_parser("forecast", help="forecast the steps after a series (data.task forecast runs)",
+                        description="Read a CSV series (the run's timestamp and value columns) and write, as CSV, "
+                                    "each of the next --horizon steps' forecast of each target column with the "
+                                    "bounds of the run's data.forecast.interval.")
+    fo.add_argument("--model", required=True, help="run directory")
+    fo.add_argument("--input", required=True, help="CSV series; the forecast starts after its last row")
+    fo.add_argument("--horizon", type=int, help="steps to forecast (default: the trained data.forecast.horizon)")
+    fo.add_argument("--output", help="output file (default: stdout)")
+    fo.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    fo.set_defaults(func=_forecast)
+
     sc = sub.add_parser("score", help="reconstruction loss of each line (anomaly score)",
                         description="Write, for each input line, the mean negative log-likelihood per target "
                                     "token (</s> included; teacher-forced, no label smoothing): of the line "
@@ -464,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that decode or score many batches with the model (transduce/allocator.py)
-DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score")
+DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score", "forecast")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,3 +242,54 @@ class ForecastBinsTask(ForecastTask):
         lo, hi = interval_levels(fc.interval)
         quantiles = {q: np.quantile(values, q, axis=1) for q in (lo, 0.5, hi)}
         return Forecast(quantiles[0.5], quantiles)
+
+
+def next_times(times: list[str], horizon: int) -> list[str]:
+    """Timestamps of the `horizon` steps after `times`, where they step regularly: numbers by their
+    last difference, ISO dates by whole months (monthly data) or by their last difference; else
+    empty strings."""
+    from datetime import date, datetime
+
+    if len(times) < 2:
+        return [""] * horizon
+    try:
+        a, b = float(times[-2]), float(times[-1])
+        step = b - a
+        fmt = (lambda v: str(int(round(v)))) if all(t.lstrip("-").isdigit() for t in times[-2:]) else repr
+        return [fmt(b + step * (k + 1)) for k in range(horizon)]
+    except ValueError:
+        pass
+    parse = date.fromisoformat if all(len(t) == 10 for t in times[-2:]) else datetime.fromisoformat
+    try:
+        a, b = parse(times[-2]), parse(times[-1])
+    except ValueError:
+        return [""] * horizon
+    months = (b.year - a.year) * 12 + b.month - a.month
+    if a.day == b.day and months > 0 and (b - a).days >= 28:
+        out = []
+        for k in range(1, horizon + 1):
+            m = b.month - 1 + months * k
+            out.append(b.replace(year=b.year + m // 12, month=m % 12 + 1).isoformat())
+        return out
+    return [(b + (b - a) * k).isoformat() for k in range(1, horizon + 1)]
+
+
+def forecast_rows(run, series: Series, horizon: int | None = None, model=None) -> list[dict]:
+    """The forecast of the `horizon` steps (default: the trained one) after the end of `series`: per
+    step and target column the point forecast and the bounds of data.forecast.interval."""
+    task = run.task
+    fc = run.config.data.forecast
+    horizon = horizon or fc.horizon
+    if horizon < 1:
+        raise ValueError(f"--horizon must be at least 1 (got {horizon})")
+    check_length(series, fc.context, f"data.forecast.context = {fc.context}")
+    x = task.inputs([series], run.source)[0]
+    f = task.forecast(run, [x[-fc.context:]], horizon, model)
+    lo, hi = interval_levels(fc.interval)
+    times = next_times(series.times, horizon)
+    rows = []
+    for h in range(horizon):
+        for j, col in enumerate(run.target.columns):
+            rows.append({"step": h + 1, "timestamp": times[h], "column": col, "forecast": f.point[0, h, j],
+                         f"lower_{lo:g}": f.quantiles[lo][0, h, j], f"upper_{hi:g}": f.quantiles[hi][0, h, j]})
+    return rows
