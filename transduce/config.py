@@ -168,8 +168,9 @@ class DataConfig:
     objective: Literal["seq2seq", "denoise"] = "seq2seq"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     # What an example is: "text", pairs of texts (or plain text); "forecast", windows of a time
-    # series read from CSV files (data.forecast; transduce/tasks/forecast.py)
-    task: Literal["text", "forecast"] = "text"
+    # series read from CSV files (data.forecast; transduce/tasks/forecast.py); "frames", arrays of
+    # feature frames (.npy) listed in a TSV with their transcripts (transduce/tasks/frames.py)
+    task: Literal["text", "forecast", "frames"] = "text"
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
     # Files: a .tsv (source<TAB>target), a .jsonl ({"source":..,"target":..}),
     # or a pair "src_file|tgt_file" of line-aligned files.
@@ -188,8 +189,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.forecast != ForecastConfig() and self.task != "forecast":
             raise ValueError("forecast applies to task 'forecast' only")
-        if self.task == "forecast" and (self.dataset or self.objective != "seq2seq" or self.format != "pairs"):
-            raise ValueError("task 'forecast' reads CSV files in data.train/dev/test: remove dataset, "
+        if self.task != "text" and (self.dataset or self.objective != "seq2seq" or self.format != "pairs"):
+            raise ValueError(f"task {self.task!r} reads the files in data.train/dev/test: remove dataset, "
                              "objective and format")
         if self.dataset == "multitask" and not self.multitask.tasks:
             raise ValueError("dataset 'multitask' needs multitask.tasks")

@@ -19,6 +19,7 @@ from transduce.models.series import (Forecaster, ForecasterConfig, SeriesRNN, Se
 from transduce.models.transformer import Transformer, TransformerConfig
 from transduce.tasks import ClassifyTask, DenoiseTask, MLMTask, MultitaskTask, Seq2SeqTask, TagTask, Task
 from transduce.tasks.forecast import ForecastBinsTask, ForecastTask
+from transduce.tasks.frames import FramesTask
 
 # family name -> (config dataclass, model class); a model is built as cls(config, src_vocab, tgt_vocab)
 FAMILIES: dict[str, tuple[type, type]] = {
@@ -55,6 +56,8 @@ def task_for(cfg: Config) -> Task:
         return ForecastTask(cfg.data.forecast)
     if cfg.data.task == "forecast":
         return ForecastBinsTask(cfg.data.forecast)
+    if cfg.data.task == "frames":
+        return FramesTask()
     if cfg.model.family in ENCODER_TASKS:
         return ENCODER_TASKS[cfg.model.family]
     if cfg.data.objective == "denoise":
@@ -68,6 +71,9 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     """A checked config from a mapping of sections: every section, then the family's task's checks
     (metrics, data) and default metrics."""
     cfg = parse_config(raw, source, MODEL_CONFIGS)
+    if cfg.model.family in VECTOR_FAMILIES and cfg.data.task == "text":
+        raise ConfigError(f"{source}: key data.task: model.family {cfg.model.family!r} reads vectors, not text; "
+                          "set data.task: forecast (a CSV series) or frames (.npy feature frames)")
     task = task_for(cfg)
     if not (isinstance(raw.get("eval"), dict) and "metrics" in raw["eval"]):
         cfg.eval.metrics = list(task.default_metrics)

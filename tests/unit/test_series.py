@@ -278,3 +278,46 @@ def test_next_times():
 def test_forecast_task_origins_end_at_the_last_step():
     task = ForecastTask(ForecastConfig(context=5, horizon=3))
     assert task.origins(20, task.cfg) == [5, 8, 11, 14, 17]
+
+
+# -- feature frames (data.task: frames) ----------------------------------------------------------
+
+def test_load_frames_checks_each_file(tmp_path):
+    from transduce.data.readers import Pair
+    from transduce.tasks.frames import load_frames
+
+    def pair(name, array=None, raw=None):
+        path = tmp_path / name
+        if array is not None:
+            np.save(path, array, allow_pickle=True)
+        elif raw is not None:
+            path.write_bytes(raw)
+        return Pair(str(path), "one two", "list.tsv:3")
+
+    ok = load_frames(pair("ok.npy", np.zeros((5, 4))), width=4)
+    assert ok.shape == (5, 4) and ok.dtype == np.float32
+    with pytest.raises(DataError, match=r"list\.tsv:3: .*wide\.npy: frames of width 6, expected 4"):
+        load_frames(pair("wide.npy", np.zeros((5, 6))), width=4)
+    nan = np.zeros((5, 4))
+    nan[2, 1] = np.nan
+    with pytest.raises(DataError, match=r"nan\.npy: frame 2, feature 1: nan is not a finite number"):
+        load_frames(pair("nan.npy", nan))
+    with pytest.raises(DataError, match=r"obj\.npy: not a NumPy array of frames"):  # a pickle is never loaded
+        load_frames(pair("obj.npy", np.array([{"a": 1}], dtype=object)))
+    with pytest.raises(DataError, match=r"ints\.npy: expected float frames"):
+        load_frames(pair("ints.npy", np.zeros((5, 4), dtype=np.int64)))
+    with pytest.raises(DataError, match=r"gone\.npy: no such file"):
+        load_frames(Pair(str(tmp_path / "gone.npy"), "x", "list.tsv:4"))
+    with pytest.raises(DataError, match=r"text\.npy: not a NumPy array"):
+        load_frames(pair("text.npy", raw=b"hello"))
+
+
+def test_vector_families_need_a_vector_task():
+    with pytest.raises(ConfigError, match="reads vectors, not text; set data.task"):
+        config_from_dict({"model": {"family": "series_transformer"}, "data": {"train": "x.tsv"}})
+    with pytest.raises(ConfigError, match="data.task 'frames' needs series_transformer or series_rnn"):
+        config_from_dict({"model": {"family": "transformer"}, "data": {"task": "frames", "train": "x.tsv"},
+                          "eval": {"metrics": ["cer"]}})
+    with pytest.raises(ConfigError, match="needs data.task: forecast"):
+        config_from_dict({"model": {"family": "forecaster"}, "data": {"task": "frames", "train": "x.tsv"},
+                          "eval": {"metrics": ["mase"]}})

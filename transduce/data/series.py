@@ -269,17 +269,17 @@ class SeriesBatch(Batch):
         return super().n_tgt_tokens
 
 
-class _Fixed:
-    """Lengths of n equal-length sequences (what batching by token budget reads)."""
+class Lengths:
+    """The lengths of a dataset's sequences (what batching by token budget reads)."""
 
-    def __init__(self, n: int, length: int):
-        self.n, self.length = n, length
+    def __init__(self, lengths):
+        self._lengths = np.asarray(lengths, dtype=np.int64)
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._lengths)
 
     def lengths(self) -> np.ndarray:
-        return np.full(self.n, self.length, dtype=np.int64)
+        return self._lengths
 
 
 @dataclass
@@ -325,6 +325,6 @@ def windows(series: list[Series], inputs: list[np.ndarray], cfg: ForecastConfig,
         check_length(s, need, f"data.forecast.context + horizon = {cfg.context} + {cfg.horizon}")
         starts += [(k, t) for t in range(0, len(x) - need + 1, cfg.stride)]
     n = len(starts)
-    return SeriesWindows(_Fixed(n, cfg.context), _Fixed(n, cfg.horizon * n_targets), inputs,
+    return SeriesWindows(Lengths(np.full(n, cfg.context)), Lengths(np.full(n, cfg.horizon * n_targets)), inputs,
                          np.asarray(starts, dtype=np.int64).reshape(-1, 2), cfg.context, cfg.horizon,
                          n_targets, cfg.scale, bins)

@@ -178,13 +178,17 @@ class ForecasterConfig(EncoderStackConfig, FrontendFields):
     # gaussian: a mean and a scale per step (NLL loss); quantile: the `quantiles` per step (pinball loss)
     loss: Literal["gaussian", "quantile"] = "quantile"
     quantiles: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    # > 0: the last `lags` values of each target also feed a linear forecast of every step, added to
+    # the decoder's (a linear autoregression beside the network, as DLinear/NLinear do; it gets trend
+    # and seasonality right from few windows); the first target columns of the source are the targets
+    lags: int = 0
 
     def validate(self) -> None:
         super().validate()
         self.check_frontend()
         _no_tokens(self)
-        if self.decoder_layers < 1:
-            raise ValueError("decoder_layers must be at least 1")
+        if self.decoder_layers < 1 or self.lags < 0:
+            raise ValueError("decoder_layers must be at least 1 and lags >= 0")
         q = self.quantiles
         if self.loss == "quantile" and (not q or sorted(set(q)) != q or not all(0.0 < x < 1.0 for x in q)):
             raise ValueError(f"quantiles must be increasing, distinct and in (0, 1) (got {q})")
@@ -214,6 +218,10 @@ class Forecaster(EncoderStack):
         self.dec_norm = final_norm(c)
         self.head = nn.Linear(c.d_model, n_targets * c.n_params)
         init_weights(self)
+        self.ar = nn.Linear(c.lags, c.max_positions) if c.lags else None  # (steps, lags) shared by the targets
+        if self.ar is not None:
+            nn.init.zeros_(self.ar.weight)
+            nn.init.zeros_(self.ar.bias)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
         x, mask = self.src_embed(src, src_mask)
@@ -234,9 +242,23 @@ class Forecaster(EncoderStack):
             k, v = layer.cross_attn.project_kv(memory.states)
             x = layer(x, k, v, mask)
         out = self.head(self.dec_norm(x)).view(b, horizon, self.n_targets, self.config.n_params)
+        if self.ar is not None:
+            lin = self.autoregression(src, src_mask, horizon)                # (B, H, T)
+            out = out + (lin[..., None] if self.config.loss == "quantile"
+                         else torch.stack([lin, torch.zeros_like(lin)], -1))
         if self.config.loss == "gaussian":
             out = torch.stack([out[..., 0], F.softplus(out[..., 1]) + 1e-3], -1)
         return out.float()
+
+    def autoregression(self, src: torch.Tensor, src_mask: torch.Tensor, horizon: int) -> torch.Tensor:
+        """(B, H, T): the linear forecast from each source's last `lags` real steps of the targets."""
+        lags, t = self.config.lags, self.n_targets
+        n = src_mask.sum(1)
+        if int(n.min()) < lags:
+            raise ValueError(f"a context of {int(n.min())} steps, shorter than model.lags={lags}")
+        idx = n[:, None] - lags + torch.arange(lags, device=src.device)     # (B, L)
+        past = src[:, :, :t].gather(1, idx[..., None].expand(-1, -1, t))    # (B, L, T)
+        return torch.einsum("blt,hl->bht", past, self.ar.weight[:horizon]) + self.ar.bias[:horizon, None]
 
     def describe(self) -> dict:
         c = self.config

@@ -67,6 +67,8 @@ class ForecastTask(Task):
     # -- data -----------------------------------------------------------------
     def check(self, cfg: Config) -> None:
         check_metrics(self, cfg)
+        if cfg.data.task != "forecast":
+            raise ValueError(f"data.task: {cfg.data.task!r}; model.family 'forecaster' needs data.task: forecast")
         m = cfg.model
         if getattr(m, "loss", None) == "quantile":
             need = {0.5, *interval_levels(cfg.data.forecast.interval)}
@@ -199,6 +201,9 @@ class ForecastBinsTask(ForecastTask):
 
     def check(self, cfg: Config) -> None:
         check_metrics(self, cfg)
+        if cfg.model.family not in ("series_transformer", "series_rnn"):
+            raise ValueError(f"model.family: data.task 'forecast' needs forecaster, series_transformer or "
+                             f"series_rnn, not {cfg.model.family!r}")
 
     def fit_codecs(self, cfg: Config, train: list[Series], init: InitCodecs | None = None):
         source, scaler = super().fit_codecs(cfg, train, init)
@@ -282,7 +287,7 @@ def forecast_rows(run, series: Series, horizon: int | None = None, model=None) -
     horizon = horizon or fc.horizon
     if horizon < 1:
         raise ValueError(f"--horizon must be at least 1 (got {horizon})")
-    check_length(series, fc.context, f"data.forecast.context = {fc.context}")
+    check_length(series, fc.context, "data.forecast.context")
     x = task.inputs([series], run.source)[0]
     f = task.forecast(run, [x[-fc.context:]], horizon, model)
     lo, hi = interval_levels(fc.interval)
