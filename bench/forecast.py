@@ -4,8 +4,8 @@
     nice python bench/forecast.py [--run RUN_DIR] [--plot docs/forecast_co2.png]
 
 Trains recipes/forecast_co2.yaml into RUN_DIR unless it holds a trained run, then forecasts the
-held-out final segment (test.csv: the last 48 months, after their context) from rolling origins
-every 12 months, 12 months ahead, and does the same with
+held-out final segment (test.csv: the last 48 months, after their context) 12 months ahead from
+rolling origins every --stride months (default: the recipe's eval_stride), and does the same with
   - seasonal naive: each month as the same month a year before the origin;
   - Holt-Winters exponential smoothing (statsmodels ExponentialSmoothing, additive trend and
     seasonality, refitted at each origin on every month before it);
@@ -16,6 +16,7 @@ same scale for every method. Prints a Markdown table and saves the plot of forec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--run", default=str(ROOT / "runs/forecast_co2"), help="run directory (trained if empty)")
     ap.add_argument("--plot", default=str(ROOT / "docs/forecast_co2.png"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    ap.add_argument("--stride", type=int, help="months between forecast origins (default: the run's eval_stride)")
     args = ap.parse_args()
 
     from transduce.data.series import read_series
@@ -90,7 +92,9 @@ def main() -> None:
     before = np.concatenate([train_series.select([col])[:, 0], dev.select([col])[CONTEXT:, 0]])
     y_test = test.select([col])[:, 0]
     x = task.inputs([test], run.source)[0]
-    origins = [o for o in task.origins(len(x), fc) if o >= CONTEXT]  # the held-out segment only
+    stride = args.stride or fc.eval_stride or fc.horizon
+    origins = [o for o in task.origins(len(x), dataclasses.replace(fc, eval_stride=stride))
+               if o >= CONTEXT]  # the held-out segment only
     actual = np.stack([y_test[t: t + fc.horizon] for t in origins])[..., None]      # (W, H, 1)
 
     t = time.monotonic()
@@ -121,7 +125,8 @@ def main() -> None:
         if band is None:
             m["quantile_loss"] = m["coverage"] = None
         rows.append((name, m))
-    cmd = "nice python bench/forecast.py" + "".join(f" --set {s}" for s in args.set)
+    cmd = "nice python bench/forecast.py" + "".join(f" --set {s}" for s in args.set) + (
+        f" --stride {args.stride}" if args.stride else "")
     print(f"\nCPU: {cpu_name()}; {len(origins)} origins x {fc.horizon} months of {test.path} "
           f"({test.times[CONTEXT]} .. {test.times[-1]}); command: {cmd}")
     if train_s is not None:
@@ -144,19 +149,21 @@ def main() -> None:
     ax.plot(steps, y_test, color="black", lw=1.4, label="actual")
     styles = {"transduce forecaster": "tab:red", "seasonal naive": "tab:gray", "Holt-Winters (ETS)": "tab:blue",
               "SARIMA(1,1,1)(0,1,1)": "tab:green"}
+    shown = [k for k, o in enumerate(origins) if (o - CONTEXT) % fc.horizon == 0]  # a year apart: no overlap
     for name, (point, band, _) in results.items():
-        for k, o in enumerate(origins):
+        for k in shown:
+            o = origins[k]
             span = steps[o: o + fc.horizon]
             ax.plot(span, point[k, :, 0], color=styles[name], lw=1.1, ls="-" if "transduce" in name else "--",
-                    label=name if k == 0 else None)
+                    label=name if k == shown[0] else None)
             if name == "transduce forecaster":
                 ax.fill_between(span, band[lo][k, :, 0], band[hi][k, :, 0], color=styles[name], alpha=0.18,
-                                label="transduce 80% interval" if k == 0 else None)
+                                label="transduce 80% interval" if k == shown[0] else None)
     ticks = list(range(0, len(y_test), 12))
     ax.set_xticks(ticks, [test.times[i][:7] for i in ticks])
     ax.set_ylabel(f"{col} (ppm)")
-    ax.set_title(f"Mauna Loa CO2, monthly: 12-month forecasts from {len(origins)} origins (held-out last "
-                 f"{len(origins) * fc.horizon} months)", fontsize=10)
+    ax.set_title(f"Mauna Loa CO2, monthly: {fc.horizon}-month forecasts on the held-out last {len(y_test) - CONTEXT} "
+                 f"months (scored from {len(origins)} origins, {len(shown)} drawn)", fontsize=10)
     ax.axvline(CONTEXT - 0.5, color="black", lw=0.6, ls=":")
     ax.legend(fontsize=8, ncol=3, loc="upper left")
     fig.tight_layout()

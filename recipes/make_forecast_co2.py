@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONTEXT = 48        # as data.forecast.context of the recipe
+CONTEXT = 24        # as data.forecast.context of the recipe
 DEV_MONTHS = 36
 TEST_MONTHS = 48
 
@@ -29,7 +29,14 @@ def monthly_co2():
 
 
 def write(path: Path, dates, values) -> None:
-    path.write_text("timestamp,co2\n" + "".join(f"{d},{v:.4f}\n" for d, v in zip(dates, values)), encoding="utf-8")
+    """With the calendar month as a point on a circle (month_sin, month_cos): covariates known ahead."""
+    import math
+
+    rows = []
+    for d, v in zip(dates, values):
+        a = 2 * math.pi * (int(d[5:7]) - 1) / 12
+        rows.append(f"{d},{v:.4f},{math.sin(a):.4f},{math.cos(a):.4f}\n")
+    path.write_text("timestamp,co2,month_sin,month_cos\n" + "".join(rows), encoding="utf-8")
     print(f"{path}: {len(values)} months, {dates[0]} .. {dates[-1]}")
 
 

@@ -155,7 +155,7 @@ def test_frames_of_the_wrong_width_are_an_error():
 # -- shared model checks on the vector families ---------------------------------------------------
 
 def tiny(name):
-    front = {"linear": dict(frontend="linear"), "conv": dict(frontend="conv", subsample=2, kernel_size=3),
+    front = {"linear": dict(frontend="linear"), "lags": dict(frontend="linear"), "conv": dict(frontend="conv", subsample=2, kernel_size=3),
              "stack2": dict(frontend="linear", subsample=2)}[name.split("-")[1]]
     if name.startswith("series_transformer"):
         return SeriesTransformerConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, ff_dim=64, dropout=0.0,
@@ -163,18 +163,22 @@ def tiny(name):
     if name.startswith("series_rnn"):
         return SeriesRNNConfig(embedding_dim=16, encoder_hidden=16, hidden_size=24, dropout=0.0, attention_dim=20,
                                **front)
+    lags = 3 if name.endswith("-lags") else 0
     return ForecasterConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, ff_dim=64, dropout=0.0,
-                            max_positions=64, **front)
+                            max_positions=64, lags=lags, **front)
 
 
 VECTOR_MODELS = ["series_transformer-linear", "series_transformer-conv", "series_rnn-linear", "series_rnn-stack2",
-                 "forecaster-linear", "forecaster-conv"]
+                 "forecaster-linear", "forecaster-conv", "forecaster-lags"]
 
 
 def make(name, seed=0):
     torch.manual_seed(seed)
     c = tiny(name)
     model = build_model(c, F_IN, 2 if c.family == "forecaster" else TGT_V)
+    with torch.no_grad():  # non-trivial weights everywhere (a fresh init zeroes biases and the lags)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 
 
@@ -219,9 +223,10 @@ def test_vector_incremental_decoding_equals_full_forward(name):
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-4)
 
 
-def test_forecaster_shorter_horizon_is_the_prefix_of_a_longer_one():
-    model = make("forecaster-linear", seed=2)
-    b = vector_batch("forecaster-linear", seed=2)
+@pytest.mark.parametrize("name", ["forecaster-linear", "forecaster-lags"])
+def test_forecaster_shorter_horizon_is_the_prefix_of_a_longer_one(name):
+    model = make(name, seed=2)
+    b = vector_batch(name, seed=2)
     with torch.no_grad():
         long, short = model.predict(b.src, b.src_mask, 8), model.predict(b.src, b.src_mask, 3)
     assert long.shape == (4, 8, 2, 3)
