@@ -143,3 +143,20 @@ def test_quality_schedule_follows_the_clock_as_ours():
     s = ClockSchedule(tc, 10)
     s.stepped(150, 1.0)
     assert s.lr(575, 2.0) == pytest.approx(lr_at(575, tc))  # max_steps: by the update
+
+
+def test_forecast(tmp_path):
+    # statsmodels' co2 series, a forecaster trained for 20 updates, the baselines from 4 origins
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from make_forecast_co2 import main as make_co2
+
+    data = make_co2(str(tmp_path / "co2"))
+    sets = [f"data.{s}={data / s}.csv" for s in ("train", "dev", "test")] + [
+        "train.max_steps=20", "train.eval_every=10", "train.warmup_steps=5", "train.threads=1"]
+    out = bench("forecast.py", "--run", tmp_path / "run", "--plot", tmp_path / "plot.png", "--stride", 12,
+                *[a for s in sets for a in ("--set", s)])
+    rows = {r["method"]: r for r in table(out)}
+    assert list(rows) == ["transduce forecaster", "seasonal naive", "Holt-Winters (ETS)", "SARIMA(1,1,1)(0,1,1)"]
+    assert all(number(r["MASE"]) > 0 for r in rows.values())
+    assert number(rows["Holt-Winters (ETS)"]["MASE"]) < number(rows["seasonal naive"]["MASE"])  # co2 trends
+    assert "4 origins x 12 months" in out and (tmp_path / "plot.png").stat().st_size > 10_000
