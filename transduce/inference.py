@@ -77,6 +77,9 @@ def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: i
     if not model.can_decode:
         command = f"`transduce {run.task.command}`" if run.task is not None else "the command of its task"
         raise ValueError(f"a {run.config.model.family} model has no decoder (encoder-only); use {command}")
+    if run.config.data.task != "text":  # its sources are vectors (models/series.py)
+        raise ValueError(f"a {run.config.model.family} model trained on data.task {run.config.data.task!r} reads "
+                         f"vectors, not text lines; use `transduce {run.task.command}`")
     cfg = run.config.decode
     batch_size = batch_size or cfg.batch_size
     ids = [run.source.encode(s) for s in sources]

@@ -215,6 +215,9 @@ def test_frames_to_text_learns_and_evaluates(tmp_path):
     p = cli("evaluate", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "dev.tsv"), "--show", "2")
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["items"] == 40 and result["cer"] < 20.0  # chance is far above (three words, random order)
+    text = subprocess.run([sys.executable, "-m", "transduce", "translate", "--model", str(tmp_path / "run")],
+                          input="a b\n", capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert text.returncode == 2 and "reads vectors, not text lines; use `transduce evaluate`" in text.stderr
     np.save(tmp_path / "frames" / "dev0.npy", np.zeros((4, 5), dtype=np.float32))
     bad = cli("evaluate", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "dev.tsv"), check=False)
     assert bad.returncode == 2 and "dev.tsv:1: " in bad.stderr and "frames of width 5, expected 6" in bad.stderr
