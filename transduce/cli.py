@@ -54,12 +54,13 @@ def _one_line(text: str) -> str:
 
 
 def _translate(args) -> int:
-    from transduce.inference import translate
-
     _threads(args.threads)
     if args.engine == "ctranslate2":
         from transduce.export.ctranslate2 import CT2Translator
 
+        if _controls_asked(args):
+            raise ValueError("decoding controls (--constraints, --prefix, --min-length, ...) need --engine torch, "
+                             "kernels or auto")
         if args.attention or args.quantize in ("int8", "auto") or len(args.model) > 1:
             what = "--attention" if args.attention else "--quantize" if len(args.model) == 1 else "an ensemble"
             raise ValueError(f"{what} needs --engine torch, kernels or auto "
@@ -71,9 +72,15 @@ def _translate(args) -> int:
     else:
         if args.attention and len(args.model) > 1:
             raise ValueError("--attention shows one model's cross-attention; an ensemble has none of its own")
+        from transduce.inference import decode, output_text
+
         run = _decoding_run(args)
         sources = _read_inputs(args)
-        outputs = translate(run, sources, args.beam, args.nbest, args.batch_size, workers=_workers(args))
+        prefixes, constraints = _apply_controls(args, run)
+        found = decode(run, sources, args.beam, args.nbest, args.batch_size, workers=_workers(args),
+                       prefixes=prefixes, constraints=constraints)
+        outputs = [[output_text(run, s, h) for h in hyps] for s, hyps in zip(sources, found)]
+        _write_details(args, outputs, found)
     lines = []
     for hyps in outputs:
         if args.nbest and args.nbest > 1:
@@ -90,6 +97,62 @@ def _translate(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+# command-line option -> DecodeConfig field, for the controls of transduce/controls.py
+CONTROL_OPTIONS = {"min_length": "min_length", "no_repeat_ngram": "no_repeat_ngram",
+                   "repetition_penalty": "repetition_penalty", "eos_bonus": "eos_bonus", "ban": "banned",
+                   "ordered_constraints": "constraints_ordered", "coverage_penalty": "coverage_penalty",
+                   "alternatives": "alternatives", "replace_unk": "replace_unk", "constraint": "constraints",
+                   "prefix_text": "prefix"}
+
+
+def _controls_asked(args) -> bool:
+    return any(getattr(args, o, None) not in (None, False, []) for o in CONTROL_OPTIONS) or any(
+        getattr(args, o, None) for o in ("prefix", "constraints", "alignment", "scores"))
+
+
+def _apply_controls(args, run) -> tuple[list[str] | None, list[list[str]] | None]:
+    """The command's decoding controls into run.config.decode (validated); returns the per-input
+    prefixes (--prefix FILE, one line per input) and constraints (--constraints FILE, one line per
+    input, phrases separated by tabs; an empty line: none)."""
+    import dataclasses
+
+    from transduce.data.readers import read_lines
+
+    cfg = run.config.decode
+    changes = {field: getattr(args, o) for o, field in CONTROL_OPTIONS.items()
+               if getattr(args, o, None) not in (None, False, [])}
+    if getattr(args, "alignment", None):
+        changes["alignments"] = True
+    if getattr(args, "scores", None):
+        changes["token_scores"] = True
+    if changes:
+        cfg = dataclasses.replace(cfg, **changes)
+        cfg.validate()
+        run.config.decode = cfg
+    prefixes = read_lines(Path(args.prefix)) if getattr(args, "prefix", None) else None
+    constraints = None
+    if getattr(args, "constraints", None):
+        constraints = [[c for c in line.split("\t") if c.strip()] for line in read_lines(Path(args.constraints))]
+    return prefixes, constraints
+
+
+def _write_details(args, outputs: list[list[str]], found) -> None:
+    """--alignment FILE: the best output's Pharaoh alignment per input; --scores FILE: per input, a
+    JSON list of each output's text, score, log-probability and token log-probabilities."""
+    from transduce.inference import pharaoh
+
+    if getattr(args, "alignment", None):
+        Path(args.alignment).write_text("".join(pharaoh(h[0]) + "\n" for h in found), encoding="utf-8")
+    if getattr(args, "scores", None):
+        lines = []
+        for texts, hyps in zip(outputs, found):
+            lines.append(json.dumps([{"output": t, "score": round(h.score, 6), "logprob": round(h.logprob, 6),
+                                      "token_logprobs": [round(x, 6) for x in h.token_logprobs or []],
+                                      **({"alignment": pharaoh(h)} if h.alignment is not None else {})}
+                                     for t, h in zip(texts, hyps)], ensure_ascii=False))
+        Path(args.scores).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def _decoding_run(args):
@@ -128,7 +191,9 @@ def _evaluate(args) -> int:
         pairs = getattr(splits, args.split)
         name = f"{run.config.data.dataset or 'data'}:{args.split}"
     metrics = args.metrics.split(",") if args.metrics else run.config.eval.metrics
-    result, sources, hyps = evaluate_pairs(run, pairs, metrics, args.beam, args.batch_size, workers=_workers(args))
+    prefixes, constraints = _apply_controls(args, run)
+    result, sources, hyps = evaluate_pairs(run, pairs, metrics, args.beam, args.batch_size, workers=_workers(args),
+                                           prefixes=prefixes, constraints=constraints)
     from transduce.data.pipeline import group_references
 
     _, refs = group_references(pairs)
@@ -208,6 +273,7 @@ def _generate(args) -> int:
 
     run = load_run(args.model)
     _threads(args.threads)
+    _apply_controls(args, run)
     outputs = generate(run, args.prompt, beam=args.beam, num=args.num, sampling=args.sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        max_len=args.max_len)
@@ -339,6 +405,37 @@ def build_parser() -> argparse.ArgumentParser:
                             "per row); 'auto': int8 where the CPU multiplies int8 natively (VNNI or AMX), "
                             "float32 elsewhere; 'none' for float32 (default: the run's decode.quantize)")
 
+    def controls(q, per_input: bool = True):
+        g = q.add_argument_group("controlling the output (docs/decoding.md)")
+        g.add_argument("--min-length", type=int, metavar="N", help="no </s> before N output tokens")
+        g.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no n-gram of N tokens twice in an output")
+        g.add_argument("--repetition-penalty", type=float, metavar="P",
+                       help="a written token's log-probability times P (CTRL; > 1 discourages repeats)")
+        g.add_argument("--eos-bonus", type=float, metavar="B",
+                       help="added to </s>'s log-probability (< 0: longer outputs, > 0: shorter)")
+        g.add_argument("--ban", action="append", metavar="PHRASE",
+                       help="a phrase (target symbols) no output contains (repeatable)")
+        if per_input:
+            g.add_argument("--prefix", metavar="FILE",
+                           help="one line per input: the start of its output, which decoding continues (with "
+                                "--scores, its tokens' log-probabilities score a given output: forced decoding)")
+            g.add_argument("--constraints", metavar="FILE",
+                           help="one line per input: phrases separated by tabs that its outputs must contain "
+                                "(lexically constrained beam search; an empty line: none)")
+        else:
+            g.add_argument("--prefix", dest="prefix_text", metavar="TEXT",
+                           help="the output's start, which decoding continues")
+            g.add_argument("--constraint", action="append", metavar="PHRASE",
+                           help="a phrase the outputs must contain (repeatable; beam search)")
+        g.add_argument("--ordered-constraints", action="store_true", help="constraints appear in the given order")
+        g.add_argument("--coverage-penalty", type=float, metavar="BETA",
+                       help="Wu et al. 2016's coverage penalty (attention models): favours outputs that attend to "
+                            "the whole source")
+        g.add_argument("--alternatives", type=int, metavar="K",
+                       help="the K most probable tokens after the prefix, each continued (one output each)")
+        g.add_argument("--replace-unk", action="store_true",
+                       help="an output <unk> becomes the source symbol it attends to most (attention models)")
+
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",
                         description="Read one source per line, write one output per line, order preserved. "
                                     "Empty input lines give empty output lines.")
@@ -353,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output", help="output file (default: stdout)")
     tr.add_argument("--attention", metavar="FILE.jsonl",
                     help="also write each output's cross-attention (tokens and weights[layer][head][t][s])")
+    controls(tr)
+    tr.add_argument("--alignment", metavar="FILE",
+                    help="also write the best output's word alignment per input line, Pharaoh `source-target` "
+                         "pairs (0-based; each output token's most attended source position)")
+    tr.add_argument("--scores", metavar="FILE.jsonl",
+                    help="also write, per input line, a JSON list of its outputs with their score, "
+                         "log-probability and per-token log-probabilities (</s>'s last)")
     tr.set_defaults(func=_translate)
 
     ev = sub.add_parser("evaluate", help="decode a test set and print metrics",
@@ -366,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metrics", help="comma-separated metrics (default: eval.metrics of the run)")
     ev.add_argument("--show", type=int, default=0, help="print this many examples before the metrics")
     decoding(ev)
+    controls(ev)
     ev.set_defaults(func=_evaluate)
 
     at = sub.add_parser("attention", help="draw the cross-attention of one decoded example",
@@ -440,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, help="with --sample: random seed; the same seed gives the same outputs")
     ge.add_argument("--max-len", type=int, help="most tokens to generate (default: decode.max_len_a/b of the run)")
     ge.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    controls(ge, per_input=False)
     ge.set_defaults(func=_generate)
 
     sc = sub.add_parser("score", help="reconstruction loss of each line (anomaly score)",

@@ -11,6 +11,7 @@ rows instead. Search sees the model's interface (models/base.py).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from transduce.models.layers import GatedActivation
 from transduce.models.quantize import Int8Linear
 from transduce.models.transformer import EncoderStack, TransformerState
 
+log = logging.getLogger("transduce")
 _NO_ROWS = torch.empty(0, dtype=torch.long)
 _EMPTY = torch.empty(0)
 _ACTS = {(nn.ReLU, "none"): 1, (nn.GELU, "none"): 2}  # the feed-forward kernels' activation codes
@@ -178,6 +180,10 @@ class KernelTransformer(_Engine):
         return self.model.max_output_len(src_mask)
 
     def init_state(self, memory: EncoderOutput, beam: int, max_len: int, record_attention: bool = False):
+        if record_attention and not getattr(self, "_said_attention", False):
+            self._said_attention = True  # once per engine: the kernels' attention returns no weights
+            log.info("cross-attention requested (alignments, coverage or replace_unk): the decoder steps on the "
+                     "PyTorch modules, the encoder stays on the kernels")
         if record_attention or torch.is_grad_enabled():
             return self.model.init_state(memory, beam, max_len, record_attention)
         b, c = memory.states.shape[0], self.config
