@@ -248,6 +248,7 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
             last = new_tok.reshape(-1)
             continue
         logp = _log_probs(logits)                  # (b * K, V)
+        att = None
         if ctl is not None:
             forced = prefix[alive, t].repeat_interleave(k) if t < prefix.shape[1] else None
             logp = ctl.process(logp, hist.reshape(n_rows * k, t), t, forced)
