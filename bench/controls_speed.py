@@ -1,0 +1,69 @@
+"""What decoding controls cost on the G2P test set: beam 5 unconstrained (the kernels' fast path) vs
+beam 5 with one constraint per word (a phoneme of its reference, lexically constrained beam search),
+vs beam 5 with the logit processors only (min length, no-repeat 3-grams, a banned phoneme).
+
+    python bench/controls_speed.py --model runs/g2p [--threads 2] [--batch 200] [--limit 0] [--repeat 3]
+
+Prints words/s, test WER and the ratio to unconstrained decoding; every constrained output is
+checked to contain its constraint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from transduce import metrics as M
+from transduce.allocator import keep_freed_memory
+from transduce.data.pipeline import group_references, load_splits
+from transduce.inference import decode
+from transduce.runs import load_run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a trained G2P run directory")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--beam", type=int, default=5)
+    ap.add_argument("--limit", type=int, default=0, help="use only this many test words (0 = all)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per setting (interleaved); the fastest counts")
+    args = ap.parse_args()
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    run = load_run(args.model)
+    words, refs = group_references(load_splits(run.config.data).test)
+    if args.limit:
+        words, refs = words[: args.limit], refs[: args.limit]
+    # the constraint: the middle phoneme of the word's first reference
+    cons = [[r[0].split()[len(r[0].split()) // 2]] for r in refs]
+    plain_cfg = run.config.decode
+    processors = dataclasses.replace(plain_cfg, min_length=2, no_repeat_ngram=3, banned=["ZH"])
+    settings = [("unconstrained", plain_cfg, None), ("1 constraint per word", plain_cfg, cons),
+                ("processors (min length, no-repeat 3-gram, a banned phoneme)", processors, None)]
+    best = {}
+    for _ in range(args.repeat):
+        for name, cfg, c in settings:
+            r = dataclasses.replace(run, config=dataclasses.replace(run.config, decode=cfg))
+            t = time.perf_counter()
+            out = decode(r, words, beam=args.beam, nbest=1, batch_size=args.batch, constraints=c)
+            dt = time.perf_counter() - t
+            if name not in best or dt < best[name][0]:
+                best[name] = (dt, [run.target.decode(h[0].tokens) for h in out])
+    n = len(words)
+    met = all(c[0] in h.split() for c, h in zip(cons, best["1 constraint per word"][1]))
+    print(f"{n} test words, beam {args.beam}, batch {args.batch}, {args.threads} threads, fastest of {args.repeat}")
+    print("| decoding | words/s | test WER % | time vs unconstrained |")
+    print("|---|---:|---:|---:|")
+    base = best["unconstrained"][0]
+    for name, _, _ in settings:
+        dt, hyps = best[name]
+        wer = M.compute(["wer"], hyps, refs)["wer"]
+        print(f"| {name} | {n / dt:,.0f} | {wer:.2f} | {dt / base:.2f}x |")
+    print(f"every constrained output contains its constraint: {met}")
+
+
+if __name__ == "__main__":
+    main()
