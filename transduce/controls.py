@@ -139,10 +139,10 @@ class Controls:
         return table, torch.tensor([len(p) for p in prefixes], dtype=torch.long)
 
     def process(self, raw: torch.Tensor, hist: torch.Tensor, t: int, forced: torch.Tensor | None) -> torch.Tensor:
-        """The step's log-probabilities (rows, V) as search ranks them, from the model's `raw` ones,
-        `hist` (rows, t) the tokens so far and `forced` (rows,) the prefix token of each row (-1:
-        none)."""
-        logp = raw.clone()
+        """The step's log-probabilities (rows, V) as search ranks them, from the model's `raw` ones
+        (changed in place unless a prefix is `forced`), `hist` (rows, t) the tokens so far and
+        `forced` (rows,) the prefix token of each row (-1: none)."""
+        logp = raw.clone() if forced is not None else raw
         min_length(logp, t, self.min_length)
         no_repeat_ngram(logp, hist, self.no_repeat_ngram)
         repetition_penalty(logp, hist, self.repetition_penalty)

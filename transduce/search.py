@@ -302,9 +302,11 @@ def beam_search(model, src: torch.Tensor, src_mask: torch.Tensor, beam: int = 5,
             if tracker is not None:
                 tracker.take(cand_state, order)
         # Which sources are done?
-        bound = scores[:, 0] / (length + 1) ** length_penalty  # best alive, ending next step
+        # best alive, ending next step (under constraints the first alive is its bank's best, not the best)
+        best_alive = scores.max(1).values if ctl is not None and tracker is not None else scores[:, 0]
+        bound = best_alive / (length + 1) ** length_penalty
         count, nth = torch.tensor(n_finished)[alive], torch.tensor(nth_score)[alive]
-        done = ~torch.isfinite(scores[:, 0]) | (count >= k) | ((count >= nbest) & (bound <= nth))
+        done = ~torch.isfinite(best_alive) | (count >= k) | ((count >= nbest) & (bound <= nth))
         live &= ~done
         n_live = int(live.sum())
         if n_live == 0:
@@ -375,8 +377,6 @@ def _follow(tok_lp, align, coverage, att, logp, new_beam, new_tok, n_rows: int, 
     lp = logp.gather(1, new_beam[:, :, None].expand(-1, -1, logp.shape[2])).gather(2, new_tok[:, :, None])
     tok_lp = torch.cat([tok_lp.gather(1, new_beam[:, :, None].expand(-1, -1, t)), lp], 2)
     if att is None:
-        align = torch.cat([align.gather(1, new_beam[:, :, None].expand(-1, -1, t)),
-                           torch.zeros_like(new_tok)[:, :, None]], 2)
         return tok_lp, align, coverage
     att = att.view(n_rows, k, -1)
     coverage = (coverage + att).gather(1, new_beam[:, :, None].expand(-1, -1, att.shape[2]))
