@@ -41,7 +41,8 @@ def main():
     # the constraint: the middle phoneme of the word's first reference
     cons = [[r[0].split()[len(r[0].split()) // 2]] for r in refs]
     plain_cfg = run.config.decode
-    processors = dataclasses.replace(plain_cfg, min_length=2, no_repeat_ngram=3, banned=["ZH"])
+    banned = "ZH" if "ZH" in run.target.vocab.stoi else run.target.vocab.itos[-1]  # a rare phoneme
+    processors = dataclasses.replace(plain_cfg, min_length=2, no_repeat_ngram=3, banned=[banned])
     settings = [("unconstrained", plain_cfg, None), ("1 constraint per word", plain_cfg, cons),
                 ("processors (min length, no-repeat 3-gram, a banned phoneme)", processors, None)]
     best, cpu_best = {}, {}

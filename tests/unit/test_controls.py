@@ -373,3 +373,20 @@ def test_commands_take_the_controls(toy_run, tmp_path, capsys):
     assert got[0] == "d" and contains(got, ["e", "e"])
     assert main(["translate", "--model", str(toy_run), "--input", str(inputs), "--ban", "zz"]) == 2
     assert "'zz'" in capsys.readouterr().err
+
+
+def test_replace_unk_copies_the_most_attended_source_symbol():
+    from transduce.inference import decode, translate
+
+    run = fake_run("transformer-prenorm", 3)
+    run.config.decode.prefix = "<unk>"   # the output starts with <unk>, which the source then fills in
+    run.config.decode.replace_unk = True
+    sources = ["abcd", "ghe"]
+    found = decode(run, sources, beam=2, nbest=1)
+    texts = translate(run, sources, beam=2, nbest=1)
+    for s, hyps, text in zip(sources, found, texts):
+        h = hyps[0]
+        assert h.tokens[0] == 1 and len(h.alignment) == len(h.tokens)
+        assert text[0][: 1] == s[h.alignment[0]] and "<unk>" not in text[0]
+    run.config.decode.replace_unk = False
+    assert translate(run, sources[:1], beam=2, nbest=1)[0][0].startswith("<unk>")
