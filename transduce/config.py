@@ -232,7 +232,7 @@ class DecodeConfig:
     batch_size: int = 200            # inputs per decoding batch
     # Batches decoded at once, each on its own thread with torch threads / workers threads (as
     # CTranslate2's inter_threads): one batch's small ops leave cores idle, so 2 workers on 2 cores
-    # decode a file faster than one batch on 2 threads (docs/benchmarks.md).
+    # decode a file faster than one batch on 2 threads (docs/speed.md, "Workers").
     workers: int = 1
     # How `translate` and `evaluate` run the model (`--quantize` overrides): null = float32, "int8" =
     # linear layers in int8 (models/quantize.py; CPU), "auto" = int8 where the CPU multiplies int8

@@ -34,9 +34,8 @@ class Splits:
 @contextmanager
 def paused_gc():
     """Python's cyclic garbage collector rescans every live container again and again while
-    millions are allocated (loading 5M pairs took 3x longer with it; CMUdict's 135k pronunciations
-    1.1 s of a 4.3 s `transduce evaluate`); reading and encoding make no reference cycles, so it is
-    paused meanwhile."""
+    millions are allocated (docs/benchmarks.md, "Data scale"); reading and encoding make no
+    reference cycles, so it is paused meanwhile."""
     enabled = gc.isenabled()
     gc.disable()
     try:

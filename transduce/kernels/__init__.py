@@ -32,8 +32,7 @@ the next projections (`add_norm_train`, used by models/layers.py's
 `beam_advance`, used by search.py): with decoding workers on threads, each
 small op of a step waited for the interpreter lock behind the others.
 
-The kernels are built with PyTorch's C++ extension builder (g++ and ninja: the `fast` extra; ~25 s on
-2 cores) into
+The kernels are built with PyTorch's C++ extension builder (g++ and ninja: the `fast` extra) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
 naming the sources, the PyTorch version and the CPU. `make install` builds them
 (`python -m transduce.kernels`); without a compiler, or with
@@ -256,8 +255,8 @@ def fused_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 
 
 # Keys per row up to which training attention runs on the kernel: up to 32 its sums stay in
-# registers and it beats PyTorch's flash kernel (2.1x at 12 keys, 1.06x at 32); beyond, flash's
-# blocking wins (0.63x at 48, 0.41x at 256; forward + backward, docs/benchmarks.md).
+# registers and it beats PyTorch's flash kernel; beyond, flash's blocking wins (docs/history.md,
+# "Attention training on our kernel").
 TRAIN_MAX_KEYS = 32
 
 

@@ -23,9 +23,9 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
 class Dropout(nn.Module):
     """Inverted dropout with the mask drawn from random bytes.
 
-    PyTorch's CPU dropout draws one float per element from a serial generator
-    (about 15 ns each, a quarter of a G2P training step here); filling int64s
-    gives 8 random bytes per draw, about ten times faster. On the CPU the
+    PyTorch's CPU dropout draws one float per element from a serial generator,
+    a large share of a small model's training step; filling int64s gives 8
+    random bytes per draw. On the CPU the
     kernel (kernels/dropout.cpp) goes further: one pass, the bytes hashed from
     a seed and the element's index, so backward recomputes the mask instead
     of storing it. The drop probability is rounded to a multiple of 1/256
@@ -169,14 +169,14 @@ class Attention(nn.Module):
             weights.append(probs)
             return probs @ v
         if p == 0.0 and torch.is_grad_enabled():
-            # Training (or any pass that needs gradients) on short rows: the training kernels,
-            # ~2x PyTorch's flash kernel forward + backward at G2P lengths (docs/benchmarks.md).
+            # Training (or any pass that needs gradients) on short rows: the training kernel beats
+            # PyTorch's flash kernel there (kernels.TRAIN_MAX_KEYS).
             out = kernels.attend_train(q, k, v, mask, causal, self.dh ** -0.5)
             if out is not None:
                 return out
         if not self.training and not causal and q.shape[-2] <= DECODE_QUERIES:
             # A decoding step (a query or a few per row against short keys): plain matmuls beat the
-            # SDPA kernel's per-row set-up here (about 2x at 200 rows, 1.3x at 1,000).
+            # SDPA kernel's per-row set-up.
             scores = (q @ k.transpose(-1, -2)).mul_(self.dh ** -0.5)
             if mask is not None:
                 scores.masked_fill_(~mask, float("-inf"))
@@ -259,7 +259,7 @@ class FeedForward(nn.Module):
         up = self.up
         if torch.is_grad_enabled() and type(up) is nn.Linear and (x.requires_grad or up.weight.requires_grad):
             # training: the projection without its bias, then the bias and activation in one kernel pass
-            # each way, the derivative kept in the projection's output (docs/benchmarks.md)
+            # each way, the derivative kept in the projection's output (docs/speed.md, "Training")
             h = F.linear(x, up.weight)
             a = kernels.bias_act(h, up.bias, self.kernel_act, overwrite=True, glu=self.gated is not None)
             if a is None:
