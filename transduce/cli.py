@@ -130,6 +130,7 @@ def _evaluate(args) -> int:
     metrics = args.metrics.split(",") if args.metrics else run.config.eval.metrics
     result, sources, hyps = evaluate_pairs(run, pairs, metrics, args.beam, args.batch_size, workers=_workers(args))
     from transduce.data.pipeline import group_references
+    from transduce.metrics import sacrebleu_scores
 
     _, refs = group_references(pairs)
     shown = 0
@@ -139,6 +140,9 @@ def _evaluate(args) -> int:
         print(f"{s}\t{h}\t{'OK' if h in r else 'ref: ' + ' | '.join(r)}")
         shown += 1
     result = {"data": name, "items": len(sources), "beam": args.beam or run.config.decode.beam, **result}
+    signatures = {m: sig for m, (_, sig) in sacrebleu_scores(metrics, hyps, refs).items()}
+    if signatures:  # how BLEU and chrF were computed, as sacreBLEU reports it
+        result["signature"] = signatures
     print(json.dumps(result))
     return 0
 
