@@ -140,8 +140,33 @@ def _build_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def override(**values):
+    """Within the block, `ops()` and `int8_tiles()` answer the given values instead of this machine's:
+    `override(ops=None)` (or `disabled()`) runs everything on PyTorch's ops, as on a machine without the
+    kernels; `ops=` another namespace and `tiles=` stand in for a kernel build (tests of the AMX path
+    on emulated tiles)."""
+    unknown = set(values) - {"ops", "tiles"}
+    if unknown:
+        raise TypeError(f"override: unknown switches {sorted(unknown)}; valid: ops, tiles")
+    saved = dict(_state)
+    _state.update(values)
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+
+
+def disabled():
+    """A block in which PyTorch's ops run instead of the kernels (`TRANSDUCE_KERNELS=0` for a process)."""
+    return override(ops=None)
+
+
 def ops():
     """`torch.ops.transduce` with the kernels loaded, or None (disabled, or the build failed)."""
+    if not enabled():
+        return None
     if "ops" not in _state:
         _state["ops"] = None
         if enabled():
