@@ -58,6 +58,7 @@ def toy_run(folder: Path, **train) -> Path:
     from transduce.training.trainer import train as train_run
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     cfg = toy_config(toy_data(folder), **{"max_steps": 40, "save_every": 0, "eval_every": 0, **train})
     train_run(cfg, folder / "run", progress=False)
     return folder / "run"
