@@ -72,14 +72,17 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(run):
     def slow():  # 240 batches of about one input at beam 16: in flight when the signal comes
         result["r"] = httpx.post(s.url + "/v1/translate", json={"inputs": WORDS * 30, "beam": 16}, timeout=60)
 
-    t = threading.Thread(target=slow)
-    t.start()
-    while metric(httpx.get(s.url + "/metrics").text, 'transduce_batch_size_count{model="toy"}') < 2:
-        time.sleep(0.01)
-    assert "r" not in result, "the request finished before the signal; make it longer"
-    s.proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    assert s.proc.wait(60) == 0
+    try:
+        t = threading.Thread(target=slow)
+        t.start()
+        while metric(httpx.get(s.url + "/metrics").text, 'transduce_batch_size_count{model="toy"}') < 2:
+            time.sleep(0.01)
+        assert "r" not in result, "the request finished before the signal; make it longer"
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()
     r = result["r"]
     assert r.status_code == 200 and len(r.json()["outputs"]) == len(WORDS) * 30
     with pytest.raises(httpx.ConnectError):
