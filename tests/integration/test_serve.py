@@ -344,7 +344,7 @@ def test_a_client_that_leaves_cancels_its_work():
         gone = asyncio.Event()
 
         async def disconnected():
-            return gone.is_set()
+            await gone.wait()
 
         waiting = asyncio.ensure_future(b.wait(second, disconnected))
         gone.set()

@@ -101,7 +101,7 @@ def create_app(models: dict[str, ServedModel], limits: Limits | None = None, war
         except Overloaded as e:
             raise ApiError(503, str(e), {"Retry-After": str(e.retry_after)}) from None
         try:
-            return await batcher.wait(job, request.is_disconnected)
+            return await batcher.wait(job, lambda: _disconnect(request))
         except DeadlineExceeded:
             raise ApiError(504, f"not answered within {limits.timeout_s:g} s (--timeout-s); its work was "
                                 "dropped") from None
@@ -194,6 +194,13 @@ def create_app(models: dict[str, ServedModel], limits: Limits | None = None, war
     for endpoint in ("classify", "tag", "score"):
         app.post(f"/v1/{endpoint}")(labelling(endpoint))
     return app
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone: once the body is read, the server's next ASGI message is
+    the disconnect (no polling)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Counted:

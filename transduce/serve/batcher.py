@@ -132,9 +132,9 @@ class Batcher:
         return job
 
     async def wait(self, job: Job, disconnected: Callable[[], Any] | None = None) -> list:
-        """The job's results; DeadlineExceeded past its deadline, ClientGone when `disconnected()`
-        (an awaitable returning True once the client left) says so; either cancels the job."""
-        watch = asyncio.ensure_future(_watch(disconnected)) if disconnected is not None else None
+        """The job's results; DeadlineExceeded past its deadline, ClientGone once the awaitable
+        `disconnected()` returns (the client left); either cancels the job."""
+        watch = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             waits = {job.future} | ({watch} if watch is not None else set())
             done, _ = await asyncio.wait(waits, timeout=max(0.0, job.deadline - time.monotonic()),
@@ -291,7 +291,3 @@ class Batcher:
             if job.left == 0:
                 job.future.set_result(job.results)
 
-
-async def _watch(disconnected: Callable[[], Any]) -> None:
-    while not await disconnected():
-        await asyncio.sleep(0.05)
