@@ -1,5 +1,5 @@
 """Command line: `transduce train | translate | evaluate | average | export | attention | classify | tag |
-generate | score | info`.
+generate | score | serve | info`.
 
 A thin layer over importable functions; every option is documented in --help.
 """
@@ -96,15 +96,9 @@ def _decoding_run(args):
     """The run of `--model`, its model quantized as `--quantize` says, or else as the run's
     decode.quantize ("none": float32 whatever the run says). Several run directories: their
     ensemble, each member quantized so, decoding with the first one's settings."""
-    from transduce.inference import ensemble
-    from transduce.models.quantize import resolve
-    from transduce.runs import load_run, run_config
+    from transduce.runs import load_decoding_run
 
-    first = run_config(args.model[0]).decode
-    kind = resolve(first.quantize if args.quantize is None else args.quantize)
-    engine = getattr(args, "engine", None)
-    engine = first.engine if engine in (None, "ctranslate2") else engine
-    return ensemble([load_run(m, quantize=kind, engine=engine) for m in args.model], args.model)
+    return load_decoding_run(args.model, args.quantize, getattr(args, "engine", None))
 
 
 def _evaluate(args) -> int:
@@ -231,6 +225,22 @@ def _score(args) -> int:
     scores = task.score(run, _read_inputs(args), args.batch_size)
     _write_lines(args, ["" if v is None else f"{v:.6f}" for v in scores])
     return 0
+
+
+def _serve(args) -> int:
+    try:
+        from transduce.serve.app import Limits, serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the 'serve' extra (pip install 'transduce[serve]'): {e}") from None
+    from transduce.serve.run import load_models
+
+    _threads(args.threads)
+    models = load_models(args.model, args.quantize, args.engine)
+    workers = _workers(args) or next(iter(models.values())).run.config.decode.workers
+    limits = Limits(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                    timeout_s=args.timeout_s, max_inputs=args.max_inputs, max_chars=args.max_chars,
+                    max_input_tokens=args.max_input_tokens, max_beam=args.max_beam, workers=workers)
+    return serve(models, limits, args.host, args.port, args.threads)
 
 
 def _info(args) -> int:
@@ -460,6 +470,38 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     sc.set_defaults(func=_score)
 
+    from transduce.serve.defaults import LIMITS
+
+    se = sub.add_parser("serve", help="serve runs over HTTP (needs the 'serve' extra; docs/serving.md)",
+                        description="Serve trained runs over HTTP: POST /v1/translate (and /v1/generate, "
+                                    "/v1/classify, /v1/tag, /v1/score by family), GET /health, /ready, "
+                                    "/v1/models, /metrics and a page at /. Requests that arrive together are "
+                                    "decoded in one batch. SIGTERM: stop accepting, finish, exit 0.")
+    se.add_argument("--model", required=True, action="append", metavar="[NAME=]RUN_DIR[,RUN_DIR...]",
+                    help="a run to serve, named NAME (default: the directory's name); several directories "
+                         "joined by commas: their ensemble, as `translate --model A B`; repeatable")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    se.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    se.add_argument("--engine", choices=["auto", "kernels", "torch"], help="as for translate")
+    se.add_argument("--quantize", choices=["int8", "auto", "none"], help="as for translate")
+    se.add_argument("--threads", type=int, help="torch threads in all (default: all cores)")
+    se.add_argument("--workers", type=int, metavar="N",
+                    help="batches decoded at once, each on threads/N threads (default: the first run's "
+                         "decode.workers)")
+    for flag, kind, what in (
+            ("max-batch-tokens", int, "source tokens per batch, padded (inputs x the longest); 0 decodes each "
+                                      "request alone"),
+            ("max-wait-ms", float, "longest an input waits for others to join its batch"),
+            ("max-queue", int, "requests waiting for a batch; beyond it 503 with Retry-After"),
+            ("timeout-s", float, "deadline of a request; past it 504 and its inputs not yet decoding are dropped"),
+            ("max-inputs", int, "inputs per request (beyond: 413)"),
+            ("max-chars", int, "characters per input (beyond: 413)"),
+            ("max-input-tokens", int, "source tokens per input (beyond: 413)"),
+            ("max-beam", int, "largest beam, nbest or generate num (beyond: 422)")):
+        default = LIMITS[flag.replace("-", "_")]
+        se.add_argument(f"--{flag}", type=kind, default=default, help=f"{what} (default {default:g})")
+    se.set_defaults(func=_serve)
+
     info = sub.add_parser("info", help="describe a trained run",
                           description="Family, sizes, parameter count, vocabularies and training state.")
     info.add_argument("run_dir", help="run directory")
@@ -468,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that decode or score many batches with the model (transduce/allocator.py)
-DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score")
+DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,18 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
     return LoadedRun(cfg, model, src, tgt, state, ckpt, task_for(cfg))
 
 
+def load_decoding_run(run_dirs: list[str | Path], quantize: str | None = None,
+                      engine: str | None = None) -> LoadedRun:
+    """What `translate --model A [B ...]` decodes with: each run quantized as `quantize` says ("none":
+    float32), or else as the first run's decode.quantize, run by `engine` (default: the first run's
+    decode.engine); several runs: their ensemble (`inference.ensemble`), with the first one's settings."""
+    from transduce.inference import ensemble
+    from transduce.models.quantize import resolve
+
+    first = run_config(run_dirs[0]).decode
+    kind = resolve(first.quantize if quantize is None else quantize)
+    engine = first.engine if engine in (None, "ctranslate2") else engine
+    return ensemble([load_run(m, quantize=kind, engine=engine) for m in run_dirs], [str(m) for m in run_dirs])
 
 
 def init_codecs(cfg: Config) -> InitCodecs | None:
