@@ -26,7 +26,6 @@ option. Nothing is unpickled: weights must be safetensors.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -263,4 +262,273 @@ def export(run, out_dir: str | Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------
+
+# What transformers assumes where a config.json leaves a key out (BartConfig, MarianConfig).
+HF_DEFAULTS = {
+    "bart": {"activation_function": "gelu", "scale_embedding": False, "pad_token_id": 1, "bos_token_id": 0,
+             "eos_token_id": 2, "decoder_start_token_id": 2, "tie_word_embeddings": True,
+             "max_position_embeddings": 1024, "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0},
+    "marian": {"activation_function": "gelu", "scale_embedding": False, "pad_token_id": 58100, "bos_token_id": None,
+               "eos_token_id": 0, "decoder_start_token_id": 58100, "tie_word_embeddings": True,
+               "max_position_embeddings": 1024, "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0,
+               "share_encoder_decoder_embeddings": True},
+}
+SIZES = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "vocab_size")
+# Options of BART- and Marian-like configs (mBART, fairseq conversions) that change the computation
+# and have no equivalent here: key -> the value that matches what we compute.
+NEUTRAL = {"normalize_before": False, "add_final_layer_norm": False, "add_bias_logits": False,
+           "static_position_embeddings": None, "normalize_embedding": None, "layernorm_variant": None}
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face checkpoint folder rather than a run directory: config.json, no config.yaml."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+
+
+class Imported:
+    """A Hugging Face checkpoint read as ours: the Transformer config, codecs, tensors (our names)."""
+
+    def __init__(self, folder: Path, model_config, source: TextCodec, target: TextCodec,
+                 tensors: dict[str, torch.Tensor], decode: dict):
+        self.folder, self.model_config, self.source, self.target = folder, model_config, source, target
+        self.tensors, self.decode = tensors, decode
+
+
+def _refuse(folder: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{folder / 'config.json'}: {problem}")
+
+
+def _model_config(folder: Path, hf: dict):
+    from transduce.models.transformer import TransformerConfig
+
+    kind = hf.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise _refuse(folder, f"model_type {kind!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
+    get = lambda k: hf.get(k, HF_DEFAULTS[kind].get(k))  # noqa: E731
+    missing = [k for k in SIZES if not isinstance(hf.get(k), int)]
+    if missing:
+        raise _refuse(folder, f"needs integer {', '.join(missing)}")
+    for key, neutral in NEUTRAL.items():
+        if key in hf and hf[key] not in (neutral, None) and not (key == "static_position_embeddings"
+                                                                 and kind == "marian" and hf[key]):
+            raise _refuse(folder, f"option {key}={hf[key]!r} is not supported (no equivalent in our Transformer)")
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if hf.get(b, hf[a]) != hf[a]:
+            raise _refuse(folder, f"{a}={hf[a]} and {b}={hf[b]} differ; our Transformer has one value for both")
+    act = get("activation_function")
+    if act not in ACTIVATIONS:
+        raise _refuse(folder, f"activation_function {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    if kind == "marian":
+        if not get("share_encoder_decoder_embeddings"):
+            raise _refuse(folder, "share_encoder_decoder_embeddings=false (separate target vocabulary) is not "
+                                  "supported")
+        if hf.get("decoder_vocab_size") not in (None, hf["vocab_size"]):
+            raise _refuse(folder, f"decoder_vocab_size={hf['decoder_vocab_size']} differs from vocab_size="
+                                  f"{hf['vocab_size']}; a separate target vocabulary is not supported")
+        if get("decoder_start_token_id") != get("pad_token_id"):
+            raise _refuse(folder, f"decoder_start_token_id={get('decoder_start_token_id')} is not pad_token_id="
+                                  f"{get('pad_token_id')}: Marian decoders start from <pad>")
+        start = "pad"
+    else:
+        if get("decoder_start_token_id") != get("eos_token_id"):
+            raise _refuse(folder, f"decoder_start_token_id={get('decoder_start_token_id')} is not eos_token_id="
+                                  f"{get('eos_token_id')}: BART decoders start from </s>")
+        if hf.get("forced_bos_token_id") not in (None, get("bos_token_id")):
+            raise _refuse(folder, f"forced_bos_token_id={hf['forced_bos_token_id']} is not bos_token_id "
+                                  "(a language code, as in mBART, is not supported)")
+        start = "eos_bos"
+    return TransformerConfig(
+        d_model=hf["d_model"], heads=hf["encoder_attention_heads"], encoder_layers=hf["encoder_layers"],
+        decoder_layers=hf["decoder_layers"], ff_dim=hf["encoder_ffn_dim"], dropout=float(get("dropout")),
+        attention_dropout=float(get("attention_dropout")), activation_dropout=float(get("activation_dropout")),
+        activation=ACTIVATIONS[act], norm="post", positions="learned" if kind == "bart" else "sinusoidal_halves",
+        max_positions=int(get("max_position_embeddings")), embed_scale=bool(get("scale_embedding")),
+        embed_norm=kind == "bart", norm_eps=HF_EPS, share_embeddings=True, tie_output=bool(get("tie_word_embeddings")),
+        output_bias=False, decoder_start=start), get
+
+
+def _weights_file(folder: Path) -> Path:
+    path = folder / "model.safetensors"
+    if path.is_file():
+        return path
+    if (folder / "model.safetensors.index.json").is_file():
+        raise CheckpointError(f"{folder / 'model.safetensors.index.json'}: sharded weights are not supported; "
+                              "save them as one model.safetensors (save_pretrained(..., max_shard_size='100GB'))")
+    pickled = [p.name for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickled:
+        raise CheckpointError(f"{path}: missing; found {', '.join(pickled)}, pickle-based PyTorch files that "
+                              "transduce never loads (unpickling can run arbitrary code). Convert trusted weights "
+                              "with transformers: model.save_pretrained(DIR, safe_serialization=True)")
+    raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint folder needs config.json, "
+                          "model.safetensors and tokenizer.json)")
+
+
+def _tokenizer(folder: Path, kind: str):
+    """The folder's tokenizer.json as a PretrainedTokenizer (Marian's gets the <s> ours needs)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        spm = [n for n in ("source.spm", "target.spm", "spiece.model", "sentencepiece.bpe.model")
+               if (folder / n).is_file()]
+        hint = (f"; the folder has {', '.join(spm)} (a sentencepiece tokenizer): save it as tokenizer.json "
+                "(transformers' PreTrainedTokenizerFast, or tokenizers' SentencePieceUnigramTokenizer.from_spm)"
+                if spm else "")
+        raise CheckpointError(f"{path}: missing{hint}")
+    try:
+        hf = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises bare Exceptions for malformed files
+        raise CheckpointError(f"{path}: not a readable tokenizer ({e})") from None
+    size = hf.get_vocab_size(with_added_tokens=True)  # the checkpoint's own tokens
+    if kind == "marian" and hf.token_to_id(SPECIALS[BOS]) is None:
+        hf.add_special_tokens([AddedToken(SPECIALS[BOS], special=True)])
+    try:
+        return PretrainedTokenizer(hf.to_str()), size
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_folder(folder: str | Path) -> Imported:
+    """A BART or Marian checkpoint folder as our Transformer config, codecs and tensors; a
+    CheckpointError naming the file and the problem where it does not fit."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    hf = read_json(folder / "config.json")
+    if not isinstance(hf, dict):
+        raise _refuse(folder, "not a JSON object")
+    mc, get = _model_config(folder, hf)
+    kind = hf["model_type"]
+    wpath = _weights_file(folder)
+    tok, tok_size = _tokenizer(folder, kind)
+    raw = {k.removeprefix("model."): v.float() for k, v in load_tensors(wpath).items()}
+
+    def tensor(name: str, rows: int | None = None) -> torch.Tensor:
+        if name not in raw:
+            raise CheckpointError(f"{wpath}: no tensor {name!r} (a {kind} checkpoint has it)")
+        t = raw[name]
+        if rows is not None and t.shape[0] != rows:
+            raise CheckpointError(f"{wpath}: tensor {name!r} has {t.shape[0]} rows, config.json says {rows}")
+        return t
+
+    emb_name = next((n for n in ("shared.weight", "encoder.embed_tokens.weight") if n in raw), "shared.weight")
+    emb = tensor(emb_name)
+    rows, d = emb.shape
+    if rows != hf["vocab_size"] or d != mc.d_model:
+        raise CheckpointError(f"{wpath}: tensor {emb_name!r} is {rows} x {d}, but {folder / 'config.json'} says "
+                              f"vocab_size {hf['vocab_size']}, d_model {mc.d_model}")
+    if tok_size != rows:
+        raise CheckpointError(f"{folder / 'tokenizer.json'}: {tok_size} tokens, but the embeddings in {wpath.name} "
+                              f"have {rows} rows (vocab_size {hf['vocab_size']}): vocabulary and weights disagree")
+    # our ids 0..3 are <pad> <unk> <s> </s>; the config's ids must name those tokens
+    for key, ours in (("pad_token_id", PAD), ("eos_token_id", EOS), ("bos_token_id", BOS)):
+        want = get(key)
+        if want is None:
+            continue
+        got = tok.checkpoint_id(SPECIALS[ours])
+        if got != want:
+            raise CheckpointError(f"{folder / 'config.json'}: {key}={want}, but {SPECIALS[ours]!r} is id {got} "
+                                  f"in {folder / 'tokenizer.json'}")
+    vocab = Vocab(tok.symbols())
+    index = [tok.checkpoint_id(s) for s in vocab.itos]
+    new = [i for i, j in enumerate(index) if j is None or j >= rows]
+    take = torch.tensor([0 if i in new else j for i, j in zip(range(len(index)), index)])
+
+    def permuted(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        out = t.index_select(0, take)
+        if new:
+            out[new] = fill
+        return out
+
+    sd = {}
+    for ours, theirs in _layer_pairs(mc):
+        sd[ours] = torch.cat([tensor(n) for n in theirs], 0)
+    sd["src_embed.tokens.weight"] = sd["tgt_embed.tokens.weight"] = permuted(emb)
+    for side, ours in (("encoder", "src_embed"), ("decoder", "tgt_embed")):
+        name = f"{side}.embed_positions.weight"
+        if kind == "bart":
+            sd[f"{ours}.positions.weight"] = tensor(name, mc.max_positions + BART_OFFSET)[BART_OFFSET:]
+        elif name in raw:
+            from transduce.models.layers import sinusoidal_table
+
+            table = raw[name]
+            expect = sinusoidal_table(mc.max_positions, mc.d_model, halves=True)
+            if table.shape != expect.shape or (table - expect).abs().max() > 1e-4:
+                raise CheckpointError(f"{wpath}: tensor {name!r} is not Marian's sinusoidal table for "
+                                      f"max_position_embeddings {mc.max_positions}, d_model {mc.d_model}")
+    if not mc.tie_output:
+        sd["output.weight"] = permuted(tensor("lm_head.weight", rows))
+    bias = raw.get("final_logits_bias")
+    bias = torch.zeros(rows) if bias is None else bias.reshape(-1)
+    if bias.shape[0] != rows:
+        raise CheckpointError(f"{wpath}: final_logits_bias has {bias.shape[0]} entries, the vocabulary {rows}")
+    if new or bias.abs().max() > 0:
+        mc.output_bias = True
+        sd["output.bias"] = permuted(bias[:, None], NEVER)[:, 0]
+    source = TextCodec(tok, vocab, wrap=kind == "bart", eos=kind == "marian")
+    target = TextCodec(tok, vocab)
+    gen = {}
+    if (folder / "generation_config.json").is_file():
+        gen = read_json(folder / "generation_config.json")
+    decode = {"beam": int(gen.get("num_beams", hf.get("num_beams", 4)) or 4),
+              "length_penalty": float(gen.get("length_penalty", hf.get("length_penalty", 1.0)))}
+    return Imported(folder, mc, source, target, sd, decode)
+
+
+def imported_model(imp: Imported):
+    """Our Transformer holding an imported checkpoint's weights."""
+    from transduce.checkpoint import load_model_tensors, model_tensors
+    from transduce.registry import build_model
+
+    v = len(imp.target.vocab)
+    model = build_model(imp.model_config, v, v)
+    expected = model_tensors(model)
+    load_model_tensors(model, {k: imp.tensors[k] for k in expected}, imp.folder / "model.safetensors")
+    return model.eval()
+
+
+def import_run(folder: str | Path, out_dir: str | Path) -> Path:
+    """Write the BART or Marian checkpoint `folder` as the run directory `out_dir` (one checkpoint,
+    best, no optimizer state): translate, evaluate, export and train.init_from take it."""
+    from transduce.config import Config, TokenizerConfig
+    from transduce.io import fsync_dir
+    from transduce.runs import fingerprint, save_config
+
+    imp = read_folder(folder)
+    model = imported_model(imp)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not an empty directory; name a new one")
+    cfg = Config(model=imp.model_config)
+    for side, codec in (("source", imp.source), ("target", imp.target)):
+        setattr(cfg.data, f"{side}_tokenizer", TokenizerConfig(kind="pretrained", path=str(imp.folder.resolve()),
+                                                               wrap=codec.wrap))
+    cfg.eval.metrics = ["bleu", "chrf"]
+    cfg.decode.beam, cfg.decode.length_penalty = imp.decode["beam"], imp.decode["length_penalty"]
+    texts = {"source_codec.json": imp.source.dumps(), "target_codec.json": imp.target.dumps()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_config(cfg, tmp / "config.yaml")
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        state = {"step": 0, "epoch": 0, "config": cfg.to_dict(), "fingerprint": fingerprint(cfg, texts),
+                 "imported_from": str(imp.folder.resolve())}
+        save_checkpoint(tmp, "imported", model, None, state, best=True, keep=1, rng={}, texts=texts)
+        fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
