@@ -93,6 +93,12 @@ def init_codecs(cfg: Config) -> InitCodecs | None:
     if not cfg.train.init_from:
         return None
     run = Path(cfg.train.init_from)
+    from transduce.export.huggingface import is_hf_folder, read_folder
+
+    if is_hf_folder(run):
+        imp = read_folder(run)
+        log.info("vocabularies from the Hugging Face checkpoint train.init_from %s", run)
+        return InitCodecs(imp.source, imp.target)
     source, target = load_codecs(run)
     if isinstance(task_for(run_config(run)), EncoderTask):
         log.info("source vocabulary from train.init_from %s (data.source_tokenizer is not used)", run)
