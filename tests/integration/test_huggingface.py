@@ -268,7 +268,8 @@ def test_imported_run_translates_evaluates_exports_and_fine_tunes(tmp_path, kind
         banned = [[run.target.tokenizer.checkpoint_id(s)] for s in SPECIALS[:3] if s != "<unk>"
                   and run.target.tokenizer.checkpoint_id(s) < hf.config.vocab_size]
         gen = hf.generate(input_ids=torch.tensor([to_hf(run.source, ids)]), num_beams=1, do_sample=False,
-                          max_new_tokens=limit + 1 + extra, bad_words_ids=banned)
+                          max_new_tokens=limit + 1 + extra, bad_words_ids=banned,
+                          forced_bos_token_id=run.target.tokenizer.checkpoint_id("<s>") if extra else None)
         hf_out = gen[0].tolist()[1 + extra:]
         eos = run.target.tokenizer.checkpoint_id("</s>")
         hf_out = hf_out[: hf_out.index(eos)] if eos in hf_out else hf_out

@@ -340,7 +340,9 @@ class PretrainedTokenizer:
         return [self.rename.get(t, t) for t in tokens]
 
     def join(self, symbols: list[str]) -> str:
-        return self.hf.decoder.decode([self.unrename.get(s, s) for s in symbols])
+        tokens = [self.unrename.get(s, s) for s in symbols]
+        # without a decoder, tokenizers joins the tokens with spaces
+        return self.hf.decoder.decode(tokens) if self.hf.decoder is not None else " ".join(tokens)
 
     def symbols(self) -> list[str]:
         """Our specials first, then every other checkpoint symbol in checkpoint-id order."""
