@@ -292,9 +292,9 @@ def _export(args) -> int:
 
 
 def _import(args) -> int:
-    from transduce.export.huggingface import import_run
+    from transduce.runs import import_huggingface
 
-    out = import_run(args.hf_dir, args.out_dir)
+    out = import_huggingface(args.hf_dir, args.out_dir)
     print(json.dumps({"format": args.format, "path": str(out)}))
     return 0
 

@@ -7,6 +7,8 @@
     RUN_DIR/checkpoints/step-N/         model.safetensors, optimizer.safetensors, state.json
     RUN_DIR/metrics.jsonl               training log
 
+`import_huggingface` writes one from a Hugging Face BART or Marian folder.
+
 `load_run` rebuilds a trained model from these files alone. A resumed run
 must have the config and vocabularies its checkpoint was trained with
 (`check_resumable`), up to the fields in `RESUMABLE_CHANGES`.
@@ -16,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
-from transduce.checkpoint import CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json
+from transduce.checkpoint import (CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json,
+                                  save_checkpoint)
 from transduce import engine as engines
 from transduce.config import Config, ConfigError
 from transduce.data.vocab import TextCodec
@@ -84,6 +89,47 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
     return LoadedRun(cfg, model, src, tgt, state, ckpt, task_for(cfg))
 
 
+
+
+def import_huggingface(folder: str | Path, out_dir: str | Path) -> Path:
+    """Write the Hugging Face BART or Marian checkpoint `folder` (export/huggingface.py) as the run
+    directory `out_dir` (one checkpoint, best, no optimizer state): translate, evaluate, export and
+    train.init_from take it."""
+    from transduce.config import TokenizerConfig
+    from transduce.export.huggingface import imported_model, read_folder
+    from transduce.io import fsync_dir
+
+    imp = read_folder(folder)
+    model = imported_model(imp)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not an empty directory; name a new one")
+    cfg = Config(model=imp.model_config)
+    for side, codec in (("source", imp.source), ("target", imp.target)):
+        setattr(cfg.data, f"{side}_tokenizer", TokenizerConfig(kind="pretrained", path=str(imp.folder.resolve()),
+                                                               wrap=codec.wrap))
+    cfg.eval.metrics = ["bleu", "chrf"]
+    cfg.decode.beam, cfg.decode.length_penalty = imp.decode["beam"], imp.decode["length_penalty"]
+    texts = {"source_codec.json": imp.source.dumps(), "target_codec.json": imp.target.dumps()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_config(cfg, tmp / "config.yaml")
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        state = {"step": 0, "epoch": 0, "config": cfg.to_dict(), "fingerprint": fingerprint(cfg, texts),
+                 "imported_from": str(imp.folder.resolve())}
+        save_checkpoint(tmp, "imported", model, None, state, best=True, keep=1, rng={}, texts=texts)
+        fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def init_codecs(cfg: Config) -> InitCodecs | None:

@@ -1,7 +1,7 @@
 """Our Transformer as a Hugging Face BART or Marian checkpoint folder, and such a folder as a run.
 
     transduce export --format huggingface --model RUN_DIR OUT_DIR   (`export`)
-    transduce import --format huggingface HF_DIR OUT_RUN_DIR        (`import_run`)
+    transduce import --format huggingface HF_DIR OUT_RUN_DIR        (`read_folder`; runs.import_huggingface)
 
 A folder is config.json, model.safetensors and the tokenizer (tokenizer.json,
 tokenizer_config.json, special_tokens_map.json); `transformers` loads it with
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from transduce.checkpoint import CheckpointError, load_tensors, read_json, save_checkpoint, save_tensors
+from transduce.checkpoint import CheckpointError, load_tensors, read_json, save_tensors
 from transduce.data.vocab import BOS, EOS, PAD, SPECIALS, UNK, PretrainedTokenizer, TextCodec, Vocab
 
 MODEL_TYPES = ("bart", "marian")
@@ -492,43 +492,3 @@ def imported_model(imp: Imported):
     expected = model_tensors(model)
     load_model_tensors(model, {k: imp.tensors[k] for k in expected}, imp.folder / "model.safetensors")
     return model.eval()
-
-
-def import_run(folder: str | Path, out_dir: str | Path) -> Path:
-    """Write the BART or Marian checkpoint `folder` as the run directory `out_dir` (one checkpoint,
-    best, no optimizer state): translate, evaluate, export and train.init_from take it."""
-    from transduce.config import Config, TokenizerConfig
-    from transduce.io import fsync_dir
-    from transduce.runs import fingerprint, save_config
-
-    imp = read_folder(folder)
-    model = imported_model(imp)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out}: exists and is not an empty directory; name a new one")
-    cfg = Config(model=imp.model_config)
-    for side, codec in (("source", imp.source), ("target", imp.target)):
-        setattr(cfg.data, f"{side}_tokenizer", TokenizerConfig(kind="pretrained", path=str(imp.folder.resolve()),
-                                                               wrap=codec.wrap))
-    cfg.eval.metrics = ["bleu", "chrf"]
-    cfg.decode.beam, cfg.decode.length_penalty = imp.decode["beam"], imp.decode["length_penalty"]
-    texts = {"source_codec.json": imp.source.dumps(), "target_codec.json": imp.target.dumps()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_config(cfg, tmp / "config.yaml")
-        for name, text in texts.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        state = {"step": 0, "epoch": 0, "config": cfg.to_dict(), "fingerprint": fingerprint(cfg, texts),
-                 "imported_from": str(imp.folder.resolve())}
-        save_checkpoint(tmp, "imported", model, None, state, best=True, keep=1, rng={}, texts=texts)
-        fsync_dir(tmp)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
