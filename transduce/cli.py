@@ -1,4 +1,4 @@
-"""Command line: `transduce train | translate | evaluate | average | export | attention | classify | tag |
+"""Command line: `transduce train | translate | evaluate | average | export | import | attention | classify | tag |
 generate | score | serve | info`.
 
 A thin layer over importable functions; every option is documented in --help.
@@ -287,12 +287,29 @@ def _attention(args) -> int:
 
 
 def _export(args) -> int:
-    from transduce.export.ctranslate2 import export
     from transduce.runs import load_run
 
     run = load_run(args.model, engine="torch")
+    if args.format == "huggingface":
+        from transduce.export.huggingface import export
+
+        if args.quantization:
+            raise ValueError("--quantization applies to --format ctranslate2 only")
+        out = export(run, args.out_dir)
+        print(json.dumps({"format": args.format, "path": str(out)}))
+        return 0
+    from transduce.export.ctranslate2 import export
+
     out = export(run, args.out_dir, args.quantization)
     print(json.dumps({"format": args.format, "quantization": args.quantization or "float32", "path": str(out)}))
+    return 0
+
+
+def _import(args) -> int:
+    from transduce.runs import import_huggingface
+
+    out = import_huggingface(args.hf_dir, args.out_dir)
+    print(json.dumps({"format": args.format, "path": str(out)}))
     return 0
 
 
@@ -395,14 +412,26 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=_attention)
 
     ex = sub.add_parser("export", help="export a trained model for another runtime",
-                        description="Write the model in another runtime's format (CTranslate2), with "
-                                    "the vocabularies; use it with `translate --engine ctranslate2`.")
+                        description="Write the model in another runtime's format, with the vocabularies: "
+                                    "ctranslate2 (use it with `translate --engine ctranslate2`), or "
+                                    "huggingface (a BART or Marian folder for transformers' "
+                                    "AutoModelForSeq2SeqLM and AutoTokenizer; docs/huggingface.md).")
     ex.add_argument("--model", required=True, help="run directory")
-    ex.add_argument("--format", required=True, choices=["ctranslate2"], help="target format")
+    ex.add_argument("--format", required=True, choices=["ctranslate2", "huggingface"], help="target format")
     ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
                     help="weight quantization (default: none, float32)")
     ex.add_argument("out_dir", help="output directory (replaced if it exists)")
     ex.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="make a run directory of another toolkit's model",
+                        description="Read a Hugging Face BART or Marian checkpoint folder (config.json, "
+                                    "model.safetensors, tokenizer.json; never a pickled pytorch_model.bin) "
+                                    "into a run directory for translate, evaluate, export and "
+                                    "train.init_from (docs/huggingface.md).")
+    im.add_argument("--format", required=True, choices=["huggingface"], help="source format")
+    im.add_argument("hf_dir", help="checkpoint folder")
+    im.add_argument("out_dir", help="new run directory (must not exist, or be empty)")
+    im.set_defaults(func=_import)
 
     av = sub.add_parser("average", help="average the weights of a run's last checkpoints into a new run directory",
                         description="Write the elementwise mean of the weights of RUN_DIR's last N step "

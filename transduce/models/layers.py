@@ -10,13 +10,15 @@ from torch import nn
 from transduce import kernels
 
 
-def sinusoidal_table(n: int, d: int) -> torch.Tensor:
-    """(n, d) fixed sinusoidal position encodings (Vaswani et al. 2017)."""
+def sinusoidal_table(n: int, d: int, halves: bool = False) -> torch.Tensor:
+    """(n, d) fixed sinusoidal position encodings (Vaswani et al. 2017): sines and cosines of each
+    frequency side by side, or (`halves`) all sines, then all cosines (Marian, fairseq)."""
     pos = torch.arange(n, dtype=torch.float32)[:, None]
     div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
     table = torch.zeros(n, d)
-    table[:, 0::2] = torch.sin(pos * div)
-    table[:, 1::2] = torch.cos(pos * div[: d // 2])
+    sines, cosines = (slice(0, (d + 1) // 2), slice((d + 1) // 2, d)) if halves else (slice(0, d, 2), slice(1, d, 2))
+    table[:, sines] = torch.sin(pos * div)
+    table[:, cosines] = torch.cos(pos * div[: d // 2])
     return table
 
 
@@ -55,6 +57,9 @@ class Dropout(nn.Module):
 class Embedding(nn.Module):
     """Token embedding scaled by sqrt(d), plus sinusoidal or learned positions, then dropout.
 
+    `positions`: "learned", "sinusoidal" (sines and cosines interleaved) or
+    "sinusoidal_halves" (sines, then cosines: Marian's table).
+
     BERT-style embeddings leave the tokens unscaled (`scale=False`) and add a
     LayerNorm before the dropout (`norm=True`).
     """
@@ -70,7 +75,8 @@ class Embedding(nn.Module):
             self.positions = nn.Embedding(max_positions, d)
         else:
             self.positions = None
-            self.register_buffer("table", sinusoidal_table(max_positions, d), persistent=False)
+            self.register_buffer("table", sinusoidal_table(max_positions, d, positions == "sinusoidal_halves"),
+                                 persistent=False)
         self.max_positions = max_positions
         self.dropout = Dropout(dropout)
 
@@ -239,6 +245,7 @@ class GatedActivation(nn.Module):
 
 
 GATED_ACTIVATIONS = {"geglu": "gelu", "swiglu": "silu"}  # model.activation -> the gate's function
+FUSED_ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")  # those the training kernel (kernels.bias_act) fuses
 
 
 class FeedForward(nn.Module):
@@ -251,13 +258,16 @@ class FeedForward(nn.Module):
         self.gated = GATED_ACTIVATIONS.get(activation)  # the gate's function, or None
         self.up = nn.Linear(d, 2 * ff if self.gated else ff)
         self.down = nn.Linear(ff, d)
-        self.act = GatedActivation(self.gated) if self.gated else nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = (GatedActivation(self.gated) if self.gated else nn.GELU() if activation == "gelu"
+                    else nn.SiLU() if activation == "silu" else nn.ReLU())
         self.dropout = Dropout(dropout)
         self.kernel_act = self.gated or activation  # bias_act's name for it
+        self.fused = activation in FUSED_ACTIVATIONS
 
     def forward(self, x):
         up = self.up
-        if torch.is_grad_enabled() and type(up) is nn.Linear and (x.requires_grad or up.weight.requires_grad):
+        if (torch.is_grad_enabled() and type(up) is nn.Linear and (x.requires_grad or up.weight.requires_grad)
+                and self.fused):
             # training: the projection without its bias, then the bias and activation in one kernel pass
             # each way, the derivative kept in the projection's output (docs/speed.md, "Training")
             h = F.linear(x, up.weight)
