@@ -1,5 +1,5 @@
-"""Command line: `transduce train | translate | evaluate | average | export | attention | classify | tag |
-generate | score | info`.
+"""Command line: `transduce train | translate | evaluate | average | export | import | attention | classify | tag |
+generate | score | serve | info`.
 
 A thin layer over importable functions; every option is documented in --help.
 """
@@ -159,15 +159,9 @@ def _decoding_run(args):
     """The run of `--model`, its model quantized as `--quantize` says, or else as the run's
     decode.quantize ("none": float32 whatever the run says). Several run directories: their
     ensemble, each member quantized so, decoding with the first one's settings."""
-    from transduce.inference import ensemble
-    from transduce.models.quantize import resolve
-    from transduce.runs import load_run, run_config
+    from transduce.runs import load_decoding_run
 
-    first = run_config(args.model[0]).decode
-    kind = resolve(first.quantize if args.quantize is None else args.quantize)
-    engine = getattr(args, "engine", None)
-    engine = first.engine if engine in (None, "ctranslate2") else engine
-    return ensemble([load_run(m, quantize=kind, engine=engine) for m in args.model], args.model)
+    return load_decoding_run(args.model, args.quantize, getattr(args, "engine", None))
 
 
 def _evaluate(args) -> int:
@@ -195,6 +189,7 @@ def _evaluate(args) -> int:
     result, sources, hyps = evaluate_pairs(run, pairs, metrics, args.beam, args.batch_size, workers=_workers(args),
                                            prefixes=prefixes, constraints=constraints)
     from transduce.data.pipeline import group_references
+    from transduce.metrics import sacrebleu_scores
 
     _, refs = group_references(pairs)
     shown = 0
@@ -204,6 +199,9 @@ def _evaluate(args) -> int:
         print(f"{s}\t{h}\t{'OK' if h in r else 'ref: ' + ' | '.join(r)}")
         shown += 1
     result = {"data": name, "items": len(sources), "beam": args.beam or run.config.decode.beam, **result}
+    signatures = {m: sig for m, (_, sig) in sacrebleu_scores(metrics, hyps, refs).items()}
+    if signatures:  # how BLEU and chrF were computed, as sacreBLEU reports it
+        result["signature"] = signatures
     print(json.dumps(result))
     return 0
 
@@ -295,6 +293,22 @@ def _score(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        from transduce.serve.app import Limits, serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the 'serve' extra (pip install 'transduce[serve]'): {e}") from None
+    from transduce.serve.run import load_models
+
+    _threads(args.threads)
+    models = load_models(args.model, args.quantize, args.engine)
+    workers = _workers(args) or next(iter(models.values())).run.config.decode.workers
+    limits = Limits(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                    timeout_s=args.timeout_s, max_inputs=args.max_inputs, max_chars=args.max_chars,
+                    max_input_tokens=args.max_input_tokens, max_beam=args.max_beam, workers=workers)
+    return serve(models, limits, args.host, args.port, args.threads)
+
+
 def _info(args) -> int:
     from transduce.checkpoint import checkpoint_dir, read_json
     from transduce.runs import load_run
@@ -339,12 +353,29 @@ def _attention(args) -> int:
 
 
 def _export(args) -> int:
-    from transduce.export.ctranslate2 import export
     from transduce.runs import load_run
 
     run = load_run(args.model, engine="torch")
+    if args.format == "huggingface":
+        from transduce.export.huggingface import export
+
+        if args.quantization:
+            raise ValueError("--quantization applies to --format ctranslate2 only")
+        out = export(run, args.out_dir)
+        print(json.dumps({"format": args.format, "path": str(out)}))
+        return 0
+    from transduce.export.ctranslate2 import export
+
     out = export(run, args.out_dir, args.quantization)
     print(json.dumps({"format": args.format, "quantization": args.quantization or "float32", "path": str(out)}))
+    return 0
+
+
+def _import(args) -> int:
+    from transduce.runs import import_huggingface
+
+    out = import_huggingface(args.hf_dir, args.out_dir)
+    print(json.dumps({"format": args.format, "path": str(out)}))
     return 0
 
 
@@ -486,14 +517,26 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=_attention)
 
     ex = sub.add_parser("export", help="export a trained model for another runtime",
-                        description="Write the model in another runtime's format (CTranslate2), with "
-                                    "the vocabularies; use it with `translate --engine ctranslate2`.")
+                        description="Write the model in another runtime's format, with the vocabularies: "
+                                    "ctranslate2 (use it with `translate --engine ctranslate2`), or "
+                                    "huggingface (a BART or Marian folder for transformers' "
+                                    "AutoModelForSeq2SeqLM and AutoTokenizer; docs/huggingface.md).")
     ex.add_argument("--model", required=True, help="run directory")
-    ex.add_argument("--format", required=True, choices=["ctranslate2"], help="target format")
+    ex.add_argument("--format", required=True, choices=["ctranslate2", "huggingface"], help="target format")
     ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
                     help="weight quantization (default: none, float32)")
     ex.add_argument("out_dir", help="output directory (replaced if it exists)")
     ex.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="make a run directory of another toolkit's model",
+                        description="Read a Hugging Face BART or Marian checkpoint folder (config.json, "
+                                    "model.safetensors, tokenizer.json; never a pickled pytorch_model.bin) "
+                                    "into a run directory for translate, evaluate, export and "
+                                    "train.init_from (docs/huggingface.md).")
+    im.add_argument("--format", required=True, choices=["huggingface"], help="source format")
+    im.add_argument("hf_dir", help="checkpoint folder")
+    im.add_argument("out_dir", help="new run directory (must not exist, or be empty)")
+    im.set_defaults(func=_import)
 
     av = sub.add_parser("average", help="average the weights of a run's last checkpoints into a new run directory",
                         description="Write the elementwise mean of the weights of RUN_DIR's last N step "
@@ -562,6 +605,38 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     sc.set_defaults(func=_score)
 
+    from transduce.serve.defaults import LIMITS
+
+    se = sub.add_parser("serve", help="serve runs over HTTP (needs the 'serve' extra; docs/serving.md)",
+                        description="Serve trained runs over HTTP: POST /v1/translate (and /v1/generate, "
+                                    "/v1/classify, /v1/tag, /v1/score by family), GET /health, /ready, "
+                                    "/v1/models, /metrics and a page at /. Requests that arrive together are "
+                                    "decoded in one batch. SIGTERM: stop accepting, finish, exit 0.")
+    se.add_argument("--model", required=True, action="append", metavar="[NAME=]RUN_DIR[,RUN_DIR...]",
+                    help="a run to serve, named NAME (default: the directory's name); several directories "
+                         "joined by commas: their ensemble, as `translate --model A B`; repeatable")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    se.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    se.add_argument("--engine", choices=["auto", "kernels", "torch"], help="as for translate")
+    se.add_argument("--quantize", choices=["int8", "auto", "none"], help="as for translate")
+    se.add_argument("--threads", type=int, help="torch threads in all (default: all cores)")
+    se.add_argument("--workers", type=int, metavar="N",
+                    help="batches decoded at once, each on threads/N threads (default: the first run's "
+                         "decode.workers)")
+    for flag, kind, what in (
+            ("max-batch-tokens", int, "source tokens per batch, padded (inputs x the longest); 0 decodes each "
+                                      "request alone"),
+            ("max-wait-ms", float, "longest an input waits for others to join its batch"),
+            ("max-queue", int, "requests waiting for a batch; beyond it 503 with Retry-After"),
+            ("timeout-s", float, "deadline of a request; past it 504 and its inputs not yet decoding are dropped"),
+            ("max-inputs", int, "inputs per request (beyond: 413)"),
+            ("max-chars", int, "characters per input (beyond: 413)"),
+            ("max-input-tokens", int, "source tokens per input (beyond: 413)"),
+            ("max-beam", int, "largest beam, nbest or generate num (beyond: 422)")):
+        default = LIMITS[flag.replace("-", "_")]
+        se.add_argument(f"--{flag}", type=kind, default=default, help=f"{what} (default {default:g})")
+    se.set_defaults(func=_serve)
+
     info = sub.add_parser("info", help="describe a trained run",
                           description="Family, sizes, parameter count, vocabularies and training state.")
     info.add_argument("run_dir", help="run directory")
@@ -570,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that decode or score many batches with the model (transduce/allocator.py)
-DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score")
+DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:

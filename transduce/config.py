@@ -147,8 +147,20 @@ class DataConfig:
     max_target_len: int = 256
     source_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     target_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # One tokenizer and vocabulary fitted on both sides' training text (source_tokenizer's settings;
+    # target_tokenizer may differ only in wrap and reverse): joint BPE for translation, with
+    # model.share_embeddings.
+    joint_tokenizer: bool = False
 
     def validate(self) -> None:
+        if self.joint_tokenizer:
+            s, g = self.source_tokenizer, self.target_tokenizer
+            differ = [k for k in ("kind", "lowercase", "vocab_size", "min_frequency", "path")
+                      if getattr(s, k) != getattr(g, k)]
+            if differ:
+                raise ValueError("joint_tokenizer: one tokenizer for both sides, but target_tokenizer."
+                                 + ", target_tokenizer.".join(differ) + " differ from source_tokenizer's; "
+                                 "give them the same values (or only source_tokenizer's and copy them)")
         if self.dataset == "multitask" and not self.multitask.tasks:
             raise ValueError("dataset 'multitask' needs multitask.tasks")
         if self.multitask.tasks and self.dataset != "multitask":
@@ -232,7 +244,7 @@ class DecodeConfig:
     batch_size: int = 200            # inputs per decoding batch
     # Batches decoded at once, each on its own thread with torch threads / workers threads (as
     # CTranslate2's inter_threads): one batch's small ops leave cores idle, so 2 workers on 2 cores
-    # decode a file faster than one batch on 2 threads (docs/benchmarks.md).
+    # decode a file faster than one batch on 2 threads (docs/speed.md, "Workers").
     workers: int = 1
     # How `translate` and `evaluate` run the model (`--quantize` overrides): null = float32, "int8" =
     # linear layers in int8 (models/quantize.py; CPU), "auto" = int8 where the CPU multiplies int8

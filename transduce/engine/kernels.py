@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transduce import kernels
+from transduce.data.vocab import BOS
 from transduce.models.base import EncoderOutput
 from transduce.models.layers import GatedActivation
 from transduce.models.quantize import Int8Linear
@@ -37,6 +38,9 @@ def runs_on_kernels(model: nn.Module) -> str | None:
         return f"it runs Transformer stacks, not a {type(model).__name__}"
     if model.training:
         return "the model is in training mode"
+    if len(getattr(model, "start", ())) > 1:
+        return (f"model.decoder_start {model.config.decoder_start!r} reads more than one token before the "
+                "first output")
     weight = model.src_embed.tokens.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return f"it runs float32 weights on the CPU (these are {weight.dtype} on {weight.device.type})"
@@ -172,6 +176,7 @@ class KernelTransformer(_Engine):
         super().__init__(model)
         quantized = any(type(m) is Int8Linear for m in model.modules())
         self.cache_dtype = cache_dtype or (torch.bfloat16 if quantized else torch.float32)
+        self.start = getattr(model, "start", (BOS,))[0]
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
         return self._encode(src, src_mask)
@@ -203,6 +208,8 @@ class KernelTransformer(_Engine):
             return self.model.step(tokens, state)
         ops, m, c = self.ops, self.model, self.config
         e, t = m.tgt_embed, state.t
+        if t == 0 and self.start != BOS:  # <s> stands for the decoder's start token (model.decoder_start)
+            tokens = torch.full_like(tokens, self.start)
         if t >= e.max_positions:
             raise ValueError(f"sequence of {t + 1} positions exceeds model.max_positions={e.max_positions}")
         pos = e.positions.weight[t] if e.positions is not None else e.table[t]
