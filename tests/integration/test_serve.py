@@ -114,8 +114,10 @@ def test_health_ready_models_page(client):
     assert models["ens"]["ensemble"] == 2 and models["ens"]["attention"] is False
     assert models["cls"]["endpoints"] == ["classify"] and models["tag"]["endpoints"] == ["tag"]
     assert "generate" in models["lm"]["endpoints"]
-    assert models["toy"]["decoding"] == {"beam": 1, "nbest": 1, "length_penalty": 1.0, "max_len_a": 1.5,
-                                         "max_len_b": 10}
+    decoding = models["toy"]["decoding"]
+    assert {k: decoding[k] for k in ("beam", "nbest", "length_penalty", "max_len_a", "max_len_b")} == {
+        "beam": 1, "nbest": 1, "length_penalty": 1.0, "max_len_a": 1.5, "max_len_b": 10}
+    assert decoding["constraints"] == [] and decoding["min_length"] == 0  # the output's controls too
     assert models["toy"]["parameters"] > 0 and models["toy"]["source_vocab"] == 12
     page = client.get("/")
     assert page.status_code == 200 and "<canvas" in page.text and "/static/app.js" in page.text
@@ -159,6 +161,20 @@ def test_options_change_the_decoding(client):
     short = client.post("/v1/translate", json={"model": "toy", "inputs": ["c a b d e f g"], "max_len_a": 0,
                                                "max_len_b": 1}).json()["outputs"][0]["text"]
     assert len(short.split()) <= 1
+
+
+def test_decoding_controls_in_a_request(client):
+    r = client.post("/v1/translate", json={"model": "toy", "inputs": ["a b c", "d e"], "beam": 3,
+                                           "constraints": ["h h"], "banned": ["a"], "token_scores": True,
+                                           "alignments": True})
+    assert r.status_code == 200, r.text
+    for o in r.json()["outputs"]:
+        h = o["hypotheses"][0]
+        words = h["text"].split()
+        assert "h h" in h["text"] and "a" not in words
+        assert len(h["token_logprobs"]) == len(words) + 1 and len(h["alignment"].split()) == len(words)
+    bad = client.post("/v1/translate", json={"model": "toy", "inputs": ["a"], "constraints": ["zz"]})
+    assert bad.status_code == 422 and "'zz'" in bad.text
 
 
 def test_attention_of_the_best_output(client):

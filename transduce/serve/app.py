@@ -233,15 +233,22 @@ class _Counted:
 
 def _translator(m: ServedModel, cfg, attention: bool):
     """inputs -> their n-best as `transduce translate` decodes them, with these decoding settings."""
-    from transduce.inference import decode
+    from transduce.inference import decode, output_text, pharaoh
 
     run = dataclasses.replace(m.run, config=dataclasses.replace(m.run.config, decode=cfg))
+
+    def hypothesis(text: str, h) -> dict:
+        d = {"text": output_text(run, text, h), "score": round(h.score, 6), "logprob": round(h.logprob, 6)}
+        if h.token_logprobs is not None and cfg.token_scores:
+            d["token_logprobs"] = [round(x, 6) for x in h.token_logprobs]
+        if h.alignment is not None:  # decode.alignments: Pharaoh source-target pairs
+            d["alignment"] = pharaoh(h)
+        return d
 
     def fn(inputs: list[str]) -> list[dict]:
         out = []
         for text, hyps in zip(inputs, decode(run, inputs, batch_size=len(inputs), workers=1)):
-            o = {"hypotheses": [{"text": run.target.decode(h.tokens), "score": round(h.score, 6),
-                                 "logprob": round(h.logprob, 6)} for h in hyps], "_tokens": len(hyps[0].tokens)}
+            o = {"hypotheses": [hypothesis(text, h) for h in hyps], "_tokens": len(hyps[0].tokens)}
             o["text"] = o["hypotheses"][0]["text"]
             if attention:
                 o["attention"] = attention_of(run, text, o["text"])
