@@ -176,7 +176,7 @@ class KernelTransformer(_Engine):
         super().__init__(model)
         quantized = any(type(m) is Int8Linear for m in model.modules())
         self.cache_dtype = cache_dtype or (torch.bfloat16 if quantized else torch.float32)
-        self.start = getattr(model, "start", (BOS,))[0]
+        self.start_token = getattr(model, "start", (BOS,))[0]
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
         return self._encode(src, src_mask)
@@ -208,8 +208,8 @@ class KernelTransformer(_Engine):
             return self.model.step(tokens, state)
         ops, m, c = self.ops, self.model, self.config
         e, t = m.tgt_embed, state.t
-        if t == 0 and self.start != BOS:  # <s> stands for the decoder's start token (model.decoder_start)
-            tokens = torch.full_like(tokens, self.start)
+        if t == 0 and self.start_token != BOS:  # <s> stands for the decoder's start token (model.decoder_start)
+            tokens = torch.full_like(tokens, self.start_token)
         if t >= e.max_positions:
             raise ValueError(f"sequence of {t + 1} positions exceeds model.max_positions={e.max_positions}")
         pos = e.positions.weight[t] if e.positions is not None else e.table[t]
