@@ -1,10 +1,13 @@
-"""Quality per CPU-minute: G2P test WER/PER of transduce vs Hugging Face BART trained the same way.
+"""Quality per CPU-minute: test scores of transduce vs Hugging Face BART trained the same way.
 
     python bench/quality.py --minutes 10 --ours runs/g2p10 [--out runs/quality_hf10] [--threads 2]
+    python bench/quality.py --minutes 60 --ours runs/multi30k60          # translation: BLEU, chrF
 
-`--ours` is a transduce run of recipes/g2p_cmudict.yaml trained for the same
-minutes (`transduce train recipes/g2p_cmudict.yaml --out runs/g2p10 --set
-train.max_minutes=10`). The HF model is a `BartForConditionalGeneration`
+`--ours` is a transduce run trained for the same minutes (`transduce train
+recipes/g2p_cmudict.yaml --out runs/g2p10 --set train.max_minutes=10`, or
+recipes/translate_multi30k.yaml); the scores are its config's `eval.metrics`
+on its test split (G2P: WER/PER with and without stress; translation:
+sacreBLEU and chrF on detokenised output). The HF model is a `BartForConditionalGeneration`
 of the recipe's sizes (its feed-forward blocks plain GELU of the same parameters
 as the recipe's gated ones: bench/hf_bart.py), random init, fp32, trained on the same data, the same
 token-budget batches, the same schedule (warmup, then inverse square root or a
@@ -12,8 +15,8 @@ cosine decay over the rest of the time budget, as the run's config says), label
 smoothing and clipping, for the same wall-clock budget (evaluation excluded;
 the transduce run evaluates on dev every `eval_every` steps, HF does not, in
 HF's favour). Then both decode the test set greedy and with beam 5 (HF
-`generate`; max length as the recipe's) and one table prints WER/PER with and
-without stress. Needs the `bench` extra (transformers).
+`generate`; max length as the recipe's) and one table prints the scores.
+Needs the `bench` extra (transformers).
 
 For long budgets both can train at once, each on one core with one thread:
 
@@ -42,9 +45,6 @@ from transduce.inference import decode
 from transduce.runs import load_codecs, load_run
 from transduce.training.schedule import lr_at
 from transduce.training.trainer import sequence_loss
-
-METRICS = ["wer", "per", "wer_nostress", "per_nostress"]
-
 
 class ClockSchedule:
     """The learning rate as transduce's trainer sets it: warmup, then the config's schedule; a decaying
@@ -107,11 +107,11 @@ def train_hf(run, minutes: float, out: Path):
 
 
 @torch.inference_mode()
-def hf_decode(model, run, words: list[str], beam: int, batch: int = 200) -> list[str]:
+def hf_decode(model, run, sources: list[str], beam: int, batch: int = 200) -> list[str]:
     d = run.config.decode
     out = []
-    for k in range(0, len(words), batch):
-        ids = [run.source.encode(w) for w in words[k: k + batch]]
+    for k in range(0, len(sources), batch):
+        ids = [run.source.encode(w) for w in sources[k: k + batch]]
         width = max(map(len, ids))
         src = torch.tensor([x + [PAD] * (width - len(x)) for x in ids])
         gen = model.generate(input_ids=src, attention_mask=(src != PAD).long(), num_beams=beam, do_sample=False,
@@ -124,7 +124,7 @@ def hf_decode(model, run, words: list[str], beam: int, batch: int = 200) -> list
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--ours", required=True, help="transduce run of recipes/g2p_cmudict.yaml, same minutes")
+    ap.add_argument("--ours", required=True, help="transduce run trained for the same minutes")
     ap.add_argument("--out", help="where the HF model is saved (default runs/quality_hfMINUTES)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -151,21 +151,24 @@ def main():
         if args.phase == "train":
             return
     run = load_run(args.ours)
-    words, refs = group_references(load_splits(run.config.data).test)
+    metrics = run.config.eval.metrics
+    sources, refs = group_references(load_splits(run.config.data).test)
     steps, tps = trained["steps"], trained["tokens_per_s"]
     rows = []
     for beam in (1, 5):
-        hyps = [h[0].tokens for h in decode(run, words, beam=beam, nbest=1, batch_size=200)]
-        rows.append(("transduce", beam, M.compute(METRICS, [run.target.decode(h) for h in hyps], refs)))
-        rows.append(("HF BART", beam, M.compute(METRICS, hf_decode(model, run, words, beam), refs)))
-    print(f"G2P test ({len(words)} words), {args.minutes:g} minutes of training, HF on {trained['threads']} "
+        hyps = [h[0].tokens for h in decode(run, sources, beam=beam, nbest=1, batch_size=200)]
+        rows.append(("transduce", beam, M.compute(metrics, [run.target.decode(h) for h in hyps], refs)))
+        rows.append(("HF BART", beam, M.compute(metrics, hf_decode(model, run, sources, beam), refs)))
+    print(f"test ({len(sources)} items), {args.minutes:g} minutes of training, HF on {trained['threads']} "
           f"threads{', with ' + ' '.join(trained['set']) if trained.get('set') else ''}; "
           f"transduce {run.state.get('step')} steps, HF {steps} steps ({tps:,.0f} tok/s)")
     print(describe(run.config.model))
-    print("| system | beam | WER % | PER % | WER % no stress | PER % no stress |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| system | beam | " + " | ".join(metrics) + " |")
+    print("|---|---:|" + "---:|" * len(metrics))
     for name, beam, r in rows:
-        print(f"| {name} | {beam} | " + " | ".join(f"{r[m]:.2f}" for m in METRICS) + " |")
+        print(f"| {name} | {beam} | " + " | ".join(f"{r[m]:.2f}" for m in metrics) + " |")
+    for name, sig in M.sacrebleu_scores(metrics, [r[0] for r in refs], refs).items():
+        print(f"{name}: sacreBLEU signature {sig[1]}")
     print(json.dumps({"minutes": args.minutes, "rows": [[n, b, r] for n, b, r in rows]}))
 
 

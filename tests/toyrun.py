@@ -51,3 +51,14 @@ def records(run_dir: Path) -> list[dict]:
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     """(step, exact loss) of every logged update, in file order."""
     return [(r["step"], r["loss_exact"]) for r in records(run_dir) if "loss_exact" in r]
+
+
+def toy_run(folder: Path, **train) -> Path:
+    """A trained run of the reverse-the-letters task in `folder`/run (a few seconds on one thread)."""
+    from transduce.training.trainer import train as train_run
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = toy_config(toy_data(folder), **{"max_steps": 40, "save_every": 0, "eval_every": 0, **train})
+    train_run(cfg, folder / "run", progress=False)
+    return folder / "run"

@@ -4,11 +4,10 @@ tensors of ever-changing sizes.
 glibc serves a block above its mmap threshold (128 kB at first, raised as such blocks are freed)
 with fresh pages from the kernel and hands them back on free, and every first touch of a fresh
 page is a page fault. A decoding step's tensors change size at every step (the cache length
-grows, finished sources leave), so the threshold never catches up: decoding the G2P test set
-with beam 5 took ~275,000 page faults, 0.7 s of system time in a 4 s run.
-`keep_freed_memory()` fixes the threshold at its maximum (32 MB on 64-bit) and raises the trim
-threshold, so blocks below 32 MB come back from the heap: ~13,000 faults, and decoding ran
-1.14x (beam 5) to 1.17x (greedy) faster here (docs/benchmarks.md). The cost: the process keeps
+grows, finished sources leave), so the threshold never catches up and a decode spends much of
+its system time in page faults. `keep_freed_memory()` fixes the threshold at its maximum (32 MB
+on 64-bit) and raises the trim threshold, so blocks below 32 MB come back from the heap
+(docs/history.md, "fewer page faults"). The cost: the process keeps
 up to `trim_threshold` bytes of freed memory rather than returning it to the system.
 
 The decoding commands call it; the Python API leaves the process's allocator alone unless

@@ -1,5 +1,5 @@
-"""Command line: `transduce train | translate | evaluate | average | export | attention | classify | tag |
-generate | score | info`.
+"""Command line: `transduce train | translate | evaluate | average | export | import | attention | classify | tag |
+generate | score | serve | info`.
 
 A thin layer over importable functions; every option is documented in --help.
 """
@@ -54,12 +54,13 @@ def _one_line(text: str) -> str:
 
 
 def _translate(args) -> int:
-    from transduce.inference import translate
-
     _threads(args.threads)
     if args.engine == "ctranslate2":
         from transduce.export.ctranslate2 import CT2Translator
 
+        if _controls_asked(args):
+            raise ValueError("decoding controls (--constraints, --prefix, --min-length, ...) need --engine torch, "
+                             "kernels or auto")
         if args.attention or args.quantize in ("int8", "auto") or len(args.model) > 1:
             what = "--attention" if args.attention else "--quantize" if len(args.model) == 1 else "an ensemble"
             raise ValueError(f"{what} needs --engine torch, kernels or auto "
@@ -71,9 +72,15 @@ def _translate(args) -> int:
     else:
         if args.attention and len(args.model) > 1:
             raise ValueError("--attention shows one model's cross-attention; an ensemble has none of its own")
+        from transduce.inference import decode, output_text
+
         run = _decoding_run(args)
         sources = _read_inputs(args)
-        outputs = translate(run, sources, args.beam, args.nbest, args.batch_size, workers=_workers(args))
+        prefixes, constraints = _apply_controls(args, run)
+        found = decode(run, sources, args.beam, args.nbest, args.batch_size, workers=_workers(args),
+                       prefixes=prefixes, constraints=constraints)
+        outputs = [[output_text(run, s, h) for h in hyps] for s, hyps in zip(sources, found)]
+        _write_details(args, outputs, found)
     lines = []
     for hyps in outputs:
         if args.nbest and args.nbest > 1:
@@ -92,19 +99,69 @@ def _translate(args) -> int:
     return 0
 
 
+# command-line option -> DecodeConfig field, for the controls of transduce/controls.py
+CONTROL_OPTIONS = {"min_length": "min_length", "no_repeat_ngram": "no_repeat_ngram",
+                   "repetition_penalty": "repetition_penalty", "eos_bonus": "eos_bonus", "ban": "banned",
+                   "ordered_constraints": "constraints_ordered", "coverage_penalty": "coverage_penalty",
+                   "alternatives": "alternatives", "replace_unk": "replace_unk", "constraint": "constraints",
+                   "prefix_text": "prefix"}
+
+
+def _controls_asked(args) -> bool:
+    return any(getattr(args, o, None) not in (None, False, []) for o in CONTROL_OPTIONS) or any(
+        getattr(args, o, None) for o in ("prefix", "constraints", "alignment", "scores"))
+
+
+def _apply_controls(args, run) -> tuple[list[str] | None, list[list[str]] | None]:
+    """The command's decoding controls into run.config.decode (validated); returns the per-input
+    prefixes (--prefix FILE, one line per input) and constraints (--constraints FILE, one line per
+    input, phrases separated by tabs; an empty line: none)."""
+    import dataclasses
+
+    from transduce.data.readers import read_lines
+
+    cfg = run.config.decode
+    changes = {field: getattr(args, o) for o, field in CONTROL_OPTIONS.items()
+               if getattr(args, o, None) not in (None, False, [])}
+    if getattr(args, "alignment", None):
+        changes["alignments"] = True
+    if getattr(args, "scores", None):
+        changes["token_scores"] = True
+    if changes:
+        cfg = dataclasses.replace(cfg, **changes)
+        cfg.validate()
+        run.config.decode = cfg
+    prefixes = read_lines(Path(args.prefix)) if getattr(args, "prefix", None) else None
+    constraints = None
+    if getattr(args, "constraints", None):
+        constraints = [[c for c in line.split("\t") if c.strip()] for line in read_lines(Path(args.constraints))]
+    return prefixes, constraints
+
+
+def _write_details(args, outputs: list[list[str]], found) -> None:
+    """--alignment FILE: the best output's Pharaoh alignment per input; --scores FILE: per input, a
+    JSON list of each output's text, score, log-probability and token log-probabilities."""
+    from transduce.inference import pharaoh
+
+    if getattr(args, "alignment", None):
+        Path(args.alignment).write_text("".join(pharaoh(h[0]) + "\n" for h in found), encoding="utf-8")
+    if getattr(args, "scores", None):
+        lines = []
+        for texts, hyps in zip(outputs, found):
+            lines.append(json.dumps([{"output": t, "score": round(h.score, 6), "logprob": round(h.logprob, 6),
+                                      "token_logprobs": [round(x, 6) for x in h.token_logprobs or []],
+                                      **({"alignment": pharaoh(h)} if h.alignment is not None else {})}
+                                     for t, h in zip(texts, hyps)], ensure_ascii=False))
+        Path(args.scores).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
 def _decoding_run(args):
     """The run of `--model`, its model quantized as `--quantize` says, or else as the run's
     decode.quantize ("none": float32 whatever the run says). Several run directories: their
     ensemble, each member quantized so, decoding with the first one's settings."""
-    from transduce.inference import ensemble
-    from transduce.models.quantize import resolve
-    from transduce.runs import load_run, run_config
+    from transduce.runs import load_decoding_run
 
-    first = run_config(args.model[0]).decode
-    kind = resolve(first.quantize if args.quantize is None else args.quantize)
-    engine = getattr(args, "engine", None)
-    engine = first.engine if engine in (None, "ctranslate2") else engine
-    return ensemble([load_run(m, quantize=kind, engine=engine) for m in args.model], args.model)
+    return load_decoding_run(args.model, args.quantize, getattr(args, "engine", None))
 
 
 def _evaluate(args) -> int:
@@ -128,8 +185,11 @@ def _evaluate(args) -> int:
         pairs = getattr(splits, args.split)
         name = f"{run.config.data.dataset or 'data'}:{args.split}"
     metrics = args.metrics.split(",") if args.metrics else run.config.eval.metrics
-    result, sources, hyps = evaluate_pairs(run, pairs, metrics, args.beam, args.batch_size, workers=_workers(args))
+    prefixes, constraints = _apply_controls(args, run)
+    result, sources, hyps = evaluate_pairs(run, pairs, metrics, args.beam, args.batch_size, workers=_workers(args),
+                                           prefixes=prefixes, constraints=constraints)
     from transduce.data.pipeline import group_references
+    from transduce.metrics import sacrebleu_scores
 
     _, refs = group_references(pairs)
     shown = 0
@@ -139,6 +199,9 @@ def _evaluate(args) -> int:
         print(f"{s}\t{h}\t{'OK' if h in r else 'ref: ' + ' | '.join(r)}")
         shown += 1
     result = {"data": name, "items": len(sources), "beam": args.beam or run.config.decode.beam, **result}
+    signatures = {m: sig for m, (_, sig) in sacrebleu_scores(metrics, hyps, refs).items()}
+    if signatures:  # how BLEU and chrF were computed, as sacreBLEU reports it
+        result["signature"] = signatures
     print(json.dumps(result))
     return 0
 
@@ -232,6 +295,7 @@ def _generate(args) -> int:
 
     run = load_run(args.model)
     _threads(args.threads)
+    _apply_controls(args, run)
     outputs = generate(run, args.prompt, beam=args.beam, num=args.num, sampling=args.sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        max_len=args.max_len)
@@ -251,6 +315,22 @@ def _score(args) -> int:
     scores = task.score(run, _read_inputs(args), args.batch_size)
     _write_lines(args, ["" if v is None else f"{v:.6f}" for v in scores])
     return 0
+
+
+def _serve(args) -> int:
+    try:
+        from transduce.serve.app import Limits, serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the 'serve' extra (pip install 'transduce[serve]'): {e}") from None
+    from transduce.serve.run import load_models
+
+    _threads(args.threads)
+    models = load_models(args.model, args.quantize, args.engine)
+    workers = _workers(args) or next(iter(models.values())).run.config.decode.workers
+    limits = Limits(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                    timeout_s=args.timeout_s, max_inputs=args.max_inputs, max_chars=args.max_chars,
+                    max_input_tokens=args.max_input_tokens, max_beam=args.max_beam, workers=workers)
+    return serve(models, limits, args.host, args.port, args.threads)
 
 
 def _info(args) -> int:
@@ -299,12 +379,29 @@ def _attention(args) -> int:
 
 
 def _export(args) -> int:
-    from transduce.export.ctranslate2 import export
     from transduce.runs import load_run
 
     run = load_run(args.model, engine="torch")
+    if args.format == "huggingface":
+        from transduce.export.huggingface import export
+
+        if args.quantization:
+            raise ValueError("--quantization applies to --format ctranslate2 only")
+        out = export(run, args.out_dir)
+        print(json.dumps({"format": args.format, "path": str(out)}))
+        return 0
+    from transduce.export.ctranslate2 import export
+
     out = export(run, args.out_dir, args.quantization)
     print(json.dumps({"format": args.format, "quantization": args.quantization or "float32", "path": str(out)}))
+    return 0
+
+
+def _import(args) -> int:
+    from transduce.runs import import_huggingface
+
+    out = import_huggingface(args.hf_dir, args.out_dir)
+    print(json.dumps({"format": args.format, "path": str(out)}))
     return 0
 
 
@@ -365,6 +462,37 @@ def build_parser() -> argparse.ArgumentParser:
                             "per row); 'auto': int8 where the CPU multiplies int8 natively (VNNI or AMX), "
                             "float32 elsewhere; 'none' for float32 (default: the run's decode.quantize)")
 
+    def controls(q, per_input: bool = True):
+        g = q.add_argument_group("controlling the output (docs/decoding.md)")
+        g.add_argument("--min-length", type=int, metavar="N", help="no </s> before N output tokens")
+        g.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no n-gram of N tokens twice in an output")
+        g.add_argument("--repetition-penalty", type=float, metavar="P",
+                       help="a written token's log-probability times P (CTRL; > 1 discourages repeats)")
+        g.add_argument("--eos-bonus", type=float, metavar="B",
+                       help="added to </s>'s log-probability (< 0: longer outputs, > 0: shorter)")
+        g.add_argument("--ban", action="append", metavar="PHRASE",
+                       help="a phrase (target symbols) no output contains (repeatable)")
+        if per_input:
+            g.add_argument("--prefix", metavar="FILE",
+                           help="one line per input: the start of its output, which decoding continues (with "
+                                "--scores, its tokens' log-probabilities score a given output: forced decoding)")
+            g.add_argument("--constraints", metavar="FILE",
+                           help="one line per input: phrases separated by tabs that its outputs must contain "
+                                "(lexically constrained beam search; an empty line: none)")
+        else:
+            g.add_argument("--prefix", dest="prefix_text", metavar="TEXT",
+                           help="the output's start, which decoding continues")
+            g.add_argument("--constraint", action="append", metavar="PHRASE",
+                           help="a phrase the outputs must contain (repeatable; beam search)")
+        g.add_argument("--ordered-constraints", action="store_true", help="constraints appear in the given order")
+        g.add_argument("--coverage-penalty", type=float, metavar="BETA",
+                       help="Wu et al. 2016's coverage penalty (attention models): favours outputs that attend to "
+                            "the whole source")
+        g.add_argument("--alternatives", type=int, metavar="K",
+                       help="the K most probable tokens after the prefix, each continued (one output each)")
+        g.add_argument("--replace-unk", action="store_true",
+                       help="an output <unk> becomes the source symbol it attends to most (attention models)")
+
     tr = sub.add_parser("translate", help="decode lines from stdin or a file",
                         description="Read one source per line, write one output per line, order preserved. "
                                     "Empty input lines give empty output lines.")
@@ -379,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output", help="output file (default: stdout)")
     tr.add_argument("--attention", metavar="FILE.jsonl",
                     help="also write each output's cross-attention (tokens and weights[layer][head][t][s])")
+    controls(tr)
+    tr.add_argument("--alignment", metavar="FILE",
+                    help="also write the best output's word alignment per input line, Pharaoh `source-target` "
+                         "pairs (0-based; each output token's most attended source position)")
+    tr.add_argument("--scores", metavar="FILE.jsonl",
+                    help="also write, per input line, a JSON list of its outputs with their score, "
+                         "log-probability and per-token log-probabilities (</s>'s last)")
     tr.set_defaults(func=_translate)
 
     ev = sub.add_parser("evaluate", help="decode a test set and print metrics",
@@ -392,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metrics", help="comma-separated metrics (default: eval.metrics of the run)")
     ev.add_argument("--show", type=int, default=0, help="print this many examples before the metrics")
     decoding(ev)
+    controls(ev)
     ev.set_defaults(func=_evaluate)
 
     at = sub.add_parser("attention", help="draw the cross-attention of one decoded example",
@@ -407,14 +543,26 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=_attention)
 
     ex = sub.add_parser("export", help="export a trained model for another runtime",
-                        description="Write the model in another runtime's format (CTranslate2), with "
-                                    "the vocabularies; use it with `translate --engine ctranslate2`.")
+                        description="Write the model in another runtime's format, with the vocabularies: "
+                                    "ctranslate2 (use it with `translate --engine ctranslate2`), or "
+                                    "huggingface (a BART or Marian folder for transformers' "
+                                    "AutoModelForSeq2SeqLM and AutoTokenizer; docs/huggingface.md).")
     ex.add_argument("--model", required=True, help="run directory")
-    ex.add_argument("--format", required=True, choices=["ctranslate2"], help="target format")
+    ex.add_argument("--format", required=True, choices=["ctranslate2", "huggingface"], help="target format")
     ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
                     help="weight quantization (default: none, float32)")
     ex.add_argument("out_dir", help="output directory (replaced if it exists)")
     ex.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="make a run directory of another toolkit's model",
+                        description="Read a Hugging Face BART or Marian checkpoint folder (config.json, "
+                                    "model.safetensors, tokenizer.json; never a pickled pytorch_model.bin) "
+                                    "into a run directory for translate, evaluate, export and "
+                                    "train.init_from (docs/huggingface.md).")
+    im.add_argument("--format", required=True, choices=["huggingface"], help="source format")
+    im.add_argument("hf_dir", help="checkpoint folder")
+    im.add_argument("out_dir", help="new run directory (must not exist, or be empty)")
+    im.set_defaults(func=_import)
 
     av = sub.add_parser("average", help="average the weights of a run's last checkpoints into a new run directory",
                         description="Write the elementwise mean of the weights of RUN_DIR's last N step "
@@ -466,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, help="with --sample: random seed; the same seed gives the same outputs")
     ge.add_argument("--max-len", type=int, help="most tokens to generate (default: decode.max_len_a/b of the run)")
     ge.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    controls(ge, per_input=False)
     ge.set_defaults(func=_generate)
 
     fo = sub.add_parser("forecast", help="forecast the steps after a series (data.task forecast runs)",
@@ -493,6 +642,38 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     sc.set_defaults(func=_score)
 
+    from transduce.serve.defaults import LIMITS
+
+    se = sub.add_parser("serve", help="serve runs over HTTP (needs the 'serve' extra; docs/serving.md)",
+                        description="Serve trained runs over HTTP: POST /v1/translate (and /v1/generate, "
+                                    "/v1/classify, /v1/tag, /v1/score by family), GET /health, /ready, "
+                                    "/v1/models, /metrics and a page at /. Requests that arrive together are "
+                                    "decoded in one batch. SIGTERM: stop accepting, finish, exit 0.")
+    se.add_argument("--model", required=True, action="append", metavar="[NAME=]RUN_DIR[,RUN_DIR...]",
+                    help="a run to serve, named NAME (default: the directory's name); several directories "
+                         "joined by commas: their ensemble, as `translate --model A B`; repeatable")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    se.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    se.add_argument("--engine", choices=["auto", "kernels", "torch"], help="as for translate")
+    se.add_argument("--quantize", choices=["int8", "auto", "none"], help="as for translate")
+    se.add_argument("--threads", type=int, help="torch threads in all (default: all cores)")
+    se.add_argument("--workers", type=int, metavar="N",
+                    help="batches decoded at once, each on threads/N threads (default: the first run's "
+                         "decode.workers)")
+    for flag, kind, what in (
+            ("max-batch-tokens", int, "source tokens per batch, padded (inputs x the longest); 0 decodes each "
+                                      "request alone"),
+            ("max-wait-ms", float, "longest an input waits for others to join its batch"),
+            ("max-queue", int, "requests waiting for a batch; beyond it 503 with Retry-After"),
+            ("timeout-s", float, "deadline of a request; past it 504 and its inputs not yet decoding are dropped"),
+            ("max-inputs", int, "inputs per request (beyond: 413)"),
+            ("max-chars", int, "characters per input (beyond: 413)"),
+            ("max-input-tokens", int, "source tokens per input (beyond: 413)"),
+            ("max-beam", int, "largest beam, nbest or generate num (beyond: 422)")):
+        default = LIMITS[flag.replace("-", "_")]
+        se.add_argument(f"--{flag}", type=kind, default=default, help=f"{what} (default {default:g})")
+    se.set_defaults(func=_serve)
+
     info = sub.add_parser("info", help="describe a trained run",
                           description="Family, sizes, parameter count, vocabularies and training state.")
     info.add_argument("run_dir", help="run directory")
@@ -501,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that decode or score many batches with the model (transduce/allocator.py)
-DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score", "forecast")
+DECODING = ("translate", "evaluate", "classify", "tag", "generate", "score", "serve", "forecast")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,6 +185,10 @@ class DataConfig:
     max_target_len: int = 256
     source_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     target_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # One tokenizer and vocabulary fitted on both sides' training text (source_tokenizer's settings;
+    # target_tokenizer may differ only in wrap and reverse): joint BPE for translation, with
+    # model.share_embeddings.
+    joint_tokenizer: bool = False
 
     def validate(self) -> None:
         if self.forecast != ForecastConfig() and self.task != "forecast":
@@ -192,6 +196,14 @@ class DataConfig:
         if self.task != "text" and (self.dataset or self.objective != "seq2seq" or self.format != "pairs"):
             raise ValueError(f"task {self.task!r} reads the files in data.train/dev/test: remove dataset, "
                              "objective and format")
+        if self.joint_tokenizer:
+            s, g = self.source_tokenizer, self.target_tokenizer
+            differ = [k for k in ("kind", "lowercase", "vocab_size", "min_frequency", "path")
+                      if getattr(s, k) != getattr(g, k)]
+            if differ:
+                raise ValueError("joint_tokenizer: one tokenizer for both sides, but target_tokenizer."
+                                 + ", target_tokenizer.".join(differ) + " differ from source_tokenizer's; "
+                                 "give them the same values (or only source_tokenizer's and copy them)")
         if self.dataset == "multitask" and not self.multitask.tasks:
             raise ValueError("dataset 'multitask' needs multitask.tasks")
         if self.multitask.tasks and self.dataset != "multitask":
@@ -275,7 +287,7 @@ class DecodeConfig:
     batch_size: int = 200            # inputs per decoding batch
     # Batches decoded at once, each on its own thread with torch threads / workers threads (as
     # CTranslate2's inter_threads): one batch's small ops leave cores idle, so 2 workers on 2 cores
-    # decode a file faster than one batch on 2 threads (docs/benchmarks.md).
+    # decode a file faster than one batch on 2 threads (docs/speed.md, "Workers").
     workers: int = 1
     # How `translate` and `evaluate` run the model (`--quantize` overrides): null = float32, "int8" =
     # linear layers in int8 (models/quantize.py; CPU), "auto" = int8 where the CPU multiplies int8
@@ -285,12 +297,36 @@ class DecodeConfig:
     # kernels (Transformer stacks), "torch" the PyTorch modules (the reference), "auto" kernels where
     # they are built and apply. Dev evaluation during training follows it ("kernels" as "auto").
     engine: Literal["auto", "kernels", "torch"] = "auto"
+    # Controls of the output (transduce/controls.py; docs/decoding.md). Phrases are target text, in
+    # the target tokenizer's symbols.
+    min_length: int = 0              # output tokens before </s> may come (a prefix counts)
+    no_repeat_ngram: int = 0         # no n-gram of this size twice in an output (0 = off)
+    repetition_penalty: float = 1.0  # CTRL-style: a written token's log-probability times this (1 = off)
+    eos_bonus: float = 0.0           # added to </s>'s log-probability: < 0 longer outputs, > 0 shorter
+    banned: list[str] = field(default_factory=list)       # phrases that never appear in an output
+    prefix: str = ""                 # every output starts with this (decoding continues it)
+    constraints: list[str] = field(default_factory=list)  # phrases every output contains (beam search)
+    constraints_ordered: bool = False  # ... in the given order
+    coverage_penalty: float = 0.0    # Wu et al. 2016's beta: favour outputs attending to all the source
+    alternatives: int = 0            # k > 0: the k most probable tokens after the prefix, each continued
+    token_scores: bool = False       # keep each output token's log-probability
+    alignments: bool = False         # keep each output token's most attended source position
+    replace_unk: bool = False        # an output <unk> becomes its most attended source symbol
 
     def validate(self) -> None:
         if self.beam < 1 or self.nbest < 1 or self.nbest > self.beam:
             raise ValueError(f"need 1 <= nbest <= beam (beam={self.beam}, nbest={self.nbest})")
         if self.workers < 1:
             raise ValueError(f"decode.workers must be at least 1 (got {self.workers})")
+        for name in ("min_length", "no_repeat_ngram", "alternatives"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"decode.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"decode.repetition_penalty must be positive (got {self.repetition_penalty})")
+        if self.coverage_penalty < 0:
+            raise ValueError(f"decode.coverage_penalty must be >= 0 (got {self.coverage_penalty})")
+        if self.alternatives and self.constraints:
+            raise ValueError("decode.alternatives and decode.constraints do not combine")
 
 
 @dataclass

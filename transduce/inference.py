@@ -11,7 +11,7 @@ import torch
 from transduce.checkpoint import CheckpointError
 from transduce.config import Config
 from transduce.data.pipeline import group_references, pad
-from transduce.data.vocab import PAD, TextCodec
+from transduce.data.vocab import PAD, UNK, TextCodec
 from transduce.search import Hypothesis, search
 
 
@@ -67,12 +67,18 @@ def ensemble(runs: list[LoadedRun], names: list[str] | None = None) -> LoadedRun
 
 
 def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: int | None = None,
-           batch_size: int | None = None, model=None, workers: int | None = None) -> list[list[Hypothesis]]:
+           batch_size: int | None = None, model=None, workers: int | None = None,
+           prefixes: list[str] | None = None, constraints: list[list[str]] | None = None
+           ) -> list[list[Hypothesis]]:
     """n-best hypotheses for each source, in input order. Empty sources give one empty output.
 
     Sources are decoded in batches of similar length; `workers` (default `decode.workers`) batches
-    at a time, on threads sharing the model.
+    at a time, on threads sharing the model. The controls of `decode` (transduce/controls.py) apply;
+    `prefixes` (one per source) and `constraints` (phrases per source) replace decode.prefix and
+    decode.constraints.
     """
+    from transduce.controls import controls_for
+
     model = model or run.model
     if not model.can_decode:
         command = f"`transduce {run.task.command}`" if run.task is not None else "the command of its task"
@@ -82,13 +88,14 @@ def decode(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: i
                          f"vectors, not text lines; use `transduce {run.task.command}`")
     cfg = run.config.decode
     batch_size = batch_size or cfg.batch_size
+    controls = controls_for(cfg, run.target, len(sources), prefixes, constraints)
     ids = [run.source.encode(s) for s in sources]
     out: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sources]
     todo = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: len(ids[i]))
 
     def one(idx: list[int]) -> list[list[Hypothesis]]:
         src = pad([ids[i] for i in idx])
-        return search(model, src, src != PAD, cfg, beam, nbest)
+        return search(model, src, src != PAD, cfg, beam, nbest, controls.for_rows(idx))
 
     batches = [todo[k: k + batch_size] for k in range(0, len(todo), batch_size)]
     for idx, hyps in zip(batches, in_workers(one, batches, workers or cfg.workers)):
@@ -122,20 +129,46 @@ def in_workers(fn, items: list, workers: int) -> list:
 
 
 def translate(run: LoadedRun, sources: list[str], beam: int | None = None, nbest: int | None = None,
-              batch_size: int | None = None, model=None, workers: int | None = None) -> list[list[str]]:
-    return [[run.target.decode(h.tokens) for h in hyps]
-            for hyps in decode(run, sources, beam, nbest, batch_size, model, workers)]
+              batch_size: int | None = None, model=None, workers: int | None = None,
+              prefixes: list[str] | None = None, constraints: list[list[str]] | None = None) -> list[list[str]]:
+    found = decode(run, sources, beam, nbest, batch_size, model, workers, prefixes, constraints)
+    return [[output_text(run, s, h) for h in hyps] for s, hyps in zip(sources, found)]
+
+
+def output_text(run: LoadedRun, source: str, hyp: Hypothesis) -> str:
+    """A hypothesis as text; with decode.replace_unk, each <unk> replaced by the source symbol it
+    attends to most (`Hypothesis.alignment`)."""
+    if not (run.config.decode.replace_unk and hyp.alignment is not None and UNK in hyp.tokens):
+        return run.target.decode(hyp.tokens)
+    src = run.source.tokenizer.split(source)
+    wrap, n = run.source.wrap, len(src)
+    symbols = run.target.vocab.decode(hyp.tokens)
+    for j, (tok, pos) in enumerate(zip(hyp.tokens, hyp.alignment)):
+        if tok == UNK and n:
+            p = min(max(pos - (1 if wrap else 0), 0), n - 1)   # <s> first where sources are wrapped
+            symbols[j] = src[n - 1 - p if run.source.reverse else p]
+    if run.target.reverse:
+        symbols.reverse()
+    return run.target.tokenizer.join(symbols)
+
+
+def pharaoh(hyp: Hypothesis) -> str:
+    """The hypothesis's alignment as Pharaoh `source-target` pairs (0-based; one per output token)."""
+    return " ".join(f"{i}-{j}" for j, i in enumerate(hyp.alignment or []))
 
 
 def evaluate_pairs(run: LoadedRun, pairs, metrics: list[str], beam: int | None = None,
-                   batch_size: int | None = None, model=None, workers: int | None = None
+                   batch_size: int | None = None, model=None, workers: int | None = None,
+                   prefixes: list[str] | None = None, constraints: list[list[str]] | None = None
                    ) -> tuple[dict, list[str], list[str]]:
-    """Metrics over `pairs` (targets of one source grouped as references)."""
+    """Metrics over `pairs` (targets of one source grouped as references; `prefixes` and
+    `constraints`, if given, one per distinct source in order of first appearance)."""
     from transduce import metrics as M
 
     sources, refs = group_references(pairs)
     decoded = [m for m in metrics if m != "ppl"]
-    hyps = [h[0] for h in translate(run, sources, beam, 1, batch_size, model, workers)] if decoded else []
+    hyps = ([h[0] for h in translate(run, sources, beam, 1, batch_size, model, workers, prefixes, constraints)]
+            if decoded else [])
     result = M.compute(decoded, hyps, refs) if decoded else {}
     if "ppl" in metrics:
         result["ppl"] = round(perplexity(run, pairs, model), 4)
@@ -203,6 +236,7 @@ def generate(run: LoadedRun, prompt: str, beam: int = 1, num: int = 1, sampling:
     on pairs reads the prompt as the source and writes targets. `max_len`
     caps the tokens generated (default: decode.max_len_a/b of the run).
     """
+    from transduce.controls import controls_for
     from transduce.search import ForcedPrefix, beam_search, greedy, sample
 
     if num < 1 or beam < 1:
@@ -220,15 +254,16 @@ def generate(run: LoadedRun, prompt: str, beam: int = 1, num: int = 1, sampling:
     a, b = (0.0, max_len) if max_len else (cfg.max_len_a, cfg.max_len_b)
     src = torch.tensor([src_ids], dtype=torch.long)
     mask = torch.ones_like(src, dtype=torch.bool)
+    ctl = controls_for(cfg, run.target, num if sampling else 1)  # decode's controls, after the prompt
     if sampling:
         g = torch.Generator()
         g.manual_seed(seed) if seed is not None else g.seed()
         hyps = [h[0] for h in sample(model, src.repeat(num, 1), mask.repeat(num, 1), a, b, temperature,
-                                     top_k, top_p, g)]
-    elif beam == 1 and num == 1:
+                                     top_k, top_p, g, ctl)]
+    elif beam == 1 and num == 1 and not ctl.active:
         hyps = greedy(model, src, mask, a, b)[0]
     else:
-        hyps = beam_search(model, src, mask, max(beam, num), num, cfg.length_penalty, a, b)[0]
+        hyps = beam_search(model, src, mask, max(beam, num), num, cfg.length_penalty, a, b, ctl)[0]
     return [run.target.decode(prefix + h.tokens) for h in hyps]
 
 

@@ -82,16 +82,27 @@ def compute(metrics: list[str], hyps: list[str], refs: list[list[str]]) -> dict[
         out.update(wer_nostress=wer, per_nostress=per)
     if "cer" in need:
         out["cer"] = error_rates(hyps, refs, unit="char")[1]
-    if need & {"bleu", "chrf"}:
-        import sacrebleu
-
-        width = max(len(rs) for rs in refs)
-        streams = [[rs[i] if i < len(rs) else rs[0] for rs in refs] for i in range(width)]
-        if "bleu" in need:
-            out["bleu"] = sacrebleu.corpus_bleu(hyps, streams).score
-        if "chrf" in need:
-            out["chrf"] = sacrebleu.corpus_chrf(hyps, streams).score
+    for name, (score, _) in sacrebleu_scores(need, hyps, refs).items():
+        out[name] = score
     return {m: round(out[m], 4) for m in metrics}
+
+
+def sacrebleu_scores(metrics, hyps: list[str], refs: list[list[str]]) -> dict[str, tuple[float, str]]:
+    """sacreBLEU's corpus BLEU and chrF (those of `metrics`) on detokenised text, with the signature
+    that says how each was computed (references, case, tokenisation, version), as papers report them."""
+    wanted = [m for m in ("bleu", "chrf") if m in set(metrics)]
+    if not wanted or not hyps:
+        return {}
+    from sacrebleu.metrics import BLEU, CHRF
+
+    width = max(len(rs) for rs in refs)
+    streams = [[rs[i] if i < len(rs) else rs[0] for rs in refs] for i in range(width)]
+    out = {}
+    for name in wanted:
+        scorer = BLEU() if name == "bleu" else CHRF()
+        score = scorer.corpus_score(hyps, streams).score
+        out[name] = (score, str(scorer.get_signature()))
+    return out
 
 
 def is_better(metric: str, a: float, b: float | None) -> bool:

@@ -1,13 +1,9 @@
 """Which precision training runs its matmuls in: `train.bf16: true | false | auto`.
 
 bf16 autocast (fp32 master weights, loss in fp32) pays only where the
-hardware multiplies bf16 natively: on a CPU with AMX (Intel Sapphire Rapids
-and later) bf16 matmuls ran ~6x fp32's rate and a G2P training step 1.4-1.9x
-faster; with AVX512-BF16 dot products (an AMD EPYC here; Intel Cooper Lake)
-~4x and 2.0x; on a CPU with neither PyTorch emulates them at a quarter of
-fp32's rate and training runs ~2x slower with AVX-512; on an AVX2-only CPU (an
-AMD EPYC Zen 3 here) emulated bf16 matmuls ran at ~1 GFLOP/s, 1/100 of fp32's
-(docs/benchmarks.md). `auto` takes
+hardware multiplies bf16 natively (AMX on Intel Sapphire Rapids and later,
+AVX512-BF16 on AMD Zen 4 and Intel Cooper Lake); elsewhere PyTorch emulates
+bf16 matmuls, slower than fp32 (docs/benchmarks.md, "Training throughput"). `auto` takes
 bf16 where it pays: a CUDA device that supports it, or a CPU with AMX bf16 or
 AVX512-BF16.
 """

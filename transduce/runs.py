@@ -7,6 +7,8 @@
     RUN_DIR/checkpoints/step-N/         model.safetensors, optimizer.safetensors, state.json
     RUN_DIR/metrics.jsonl               training log
 
+`import_huggingface` writes one from a Hugging Face BART or Marian folder.
+
 `load_run` rebuilds a trained model from these files alone. A resumed run
 must have the config and vocabularies its checkpoint was trained with
 (`check_resumable`), up to the fields in `RESUMABLE_CHANGES`.
@@ -16,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
-from transduce.checkpoint import CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json
+from transduce.checkpoint import (CheckpointError, checkpoint_dir, load_model_tensors, read_checkpoint, read_json,
+                                  save_checkpoint)
 from transduce import engine as engines
 from transduce.config import Config, ConfigError
 from transduce.data.series import series_codec
@@ -86,6 +91,59 @@ def load_run(run_dir: str | Path, which: str = "best", quantize: str | None = No
     return LoadedRun(cfg, model, src, tgt, state, ckpt, task_for(cfg))
 
 
+def load_decoding_run(run_dirs: list[str | Path], quantize: str | None = None,
+                      engine: str | None = None) -> LoadedRun:
+    """What `translate --model A [B ...]` decodes with: each run quantized as `quantize` says ("none":
+    float32), or else as the first run's decode.quantize, run by `engine` (default: the first run's
+    decode.engine); several runs: their ensemble (`inference.ensemble`), with the first one's settings."""
+    from transduce.inference import ensemble
+    from transduce.models.quantize import resolve
+
+    first = run_config(run_dirs[0]).decode
+    kind = resolve(first.quantize if quantize is None else quantize)
+    engine = first.engine if engine in (None, "ctranslate2") else engine
+    return ensemble([load_run(m, quantize=kind, engine=engine) for m in run_dirs], [str(m) for m in run_dirs])
+
+
+def import_huggingface(folder: str | Path, out_dir: str | Path) -> Path:
+    """Write the Hugging Face BART or Marian checkpoint `folder` (export/huggingface.py) as the run
+    directory `out_dir` (one checkpoint, best, no optimizer state): translate, evaluate, export and
+    train.init_from take it."""
+    from transduce.config import TokenizerConfig
+    from transduce.export.huggingface import imported_model, read_folder
+    from transduce.io import fsync_dir
+
+    imp = read_folder(folder)
+    model = imported_model(imp)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not an empty directory; name a new one")
+    cfg = Config(model=imp.model_config)
+    for side, codec in (("source", imp.source), ("target", imp.target)):
+        setattr(cfg.data, f"{side}_tokenizer", TokenizerConfig(kind="pretrained", path=str(imp.folder.resolve()),
+                                                               wrap=codec.wrap))
+    cfg.eval.metrics = ["bleu", "chrf"]
+    cfg.decode.beam, cfg.decode.length_penalty = imp.decode["beam"], imp.decode["length_penalty"]
+    texts = {"source_codec.json": imp.source.dumps(), "target_codec.json": imp.target.dumps()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_config(cfg, tmp / "config.yaml")
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        state = {"step": 0, "epoch": 0, "config": cfg.to_dict(), "fingerprint": fingerprint(cfg, texts),
+                 "imported_from": str(imp.folder.resolve())}
+        save_checkpoint(tmp, "imported", model, None, state, best=True, keep=1, rng={}, texts=texts)
+        fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def init_codecs(cfg: Config) -> InitCodecs | None:
@@ -95,6 +153,12 @@ def init_codecs(cfg: Config) -> InitCodecs | None:
     if not cfg.train.init_from:
         return None
     run = Path(cfg.train.init_from)
+    from transduce.export.huggingface import is_hf_folder, read_folder
+
+    if is_hf_folder(run):
+        imp = read_folder(run)
+        log.info("vocabularies from the Hugging Face checkpoint train.init_from %s", run)
+        return InitCodecs(imp.source, imp.target)
     source, target = load_codecs(run)
     if isinstance(task_for(run_config(run)), EncoderTask):
         log.info("source vocabulary from train.init_from %s (data.source_tokenizer is not used)", run)

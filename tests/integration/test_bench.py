@@ -78,6 +78,16 @@ def test_decode_speed(toy):
     assert re.search(r"beam 5: transduce int8 / CTranslate2 int8 = [\d.]+x", out)
 
 
+def test_controls_speed(toy):
+    _, run = toy
+    out = bench("controls_speed.py", "--model", run, "--limit", 30, "--batch", 10, "--repeat", 1, "--threads", 1)
+    rows = {r["decoding"]: r for r in table(out)}
+    assert set(rows) == {"unconstrained", "1 constraint per word",
+                         "processors (min length, no-repeat 3-gram, a banned phoneme)"}
+    assert all(number(r["words/s"]) > 0 for r in rows.values())
+    assert "every constrained output contains its constraint: True" in out
+
+
 def test_quality(toy, tmp_path):
     _, run = toy
     out = bench("quality.py", "--minutes", 0.03, "--ours", run, "--out", tmp_path / "hf", "--threads", 1)

@@ -275,8 +275,14 @@ def test_translate_writes_one_line_per_input(monkeypatch, capsys):
     import transduce.inference as inference
 
     inputs = ["a\rb", "", "\x00", "x\u2028y", "", "last"]
-    monkeypatch.setattr(cli, "_decoding_run", lambda args: None)  # no model: the lines are the point
-    monkeypatch.setattr(inference, "translate", lambda run, sources, *a, **k: [[f"{s}\n{s}\r"] for s in sources])
+    from types import SimpleNamespace
+
+    from transduce.config import Config
+
+    # no model, only its config: the lines are the point
+    monkeypatch.setattr(cli, "_decoding_run", lambda args: SimpleNamespace(config=Config()))
+    monkeypatch.setattr(inference, "decode", lambda run, sources, *a, **k: [[s] for s in sources])
+    monkeypatch.setattr(inference, "output_text", lambda run, source, hyp: f"{hyp}\n{hyp}\r")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(inputs).encode())))
     assert cli.main(["translate", "--model", "unused"]) == 0
     out = capsys.readouterr().out

@@ -113,10 +113,10 @@ def test_attention_module_same_with_and_without_kernel(monkeypatch, group):
     mask = random_mask(m, tk, torch.Generator().manual_seed(3))
     with torch.no_grad():
         fast = attn.attend(q, k, v, mask, group=group)
-        monkeypatch.setitem(kernels._state, "ops", None)   # as on a machine where the build failed
-        slow = attn.attend(q, k, v, mask, group=group)
-        weights = []
-        shown = attn.attend(q, k, v, mask, weights=weights, group=group)
+        with kernels.disabled():  # as on a machine where the build failed
+            slow = attn.attend(q, k, v, mask, group=group)
+            weights = []
+            shown = attn.attend(q, k, v, mask, weights=weights, group=group)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shown, slow, rtol=1e-5, atol=1e-5)
     assert weights[0].shape == (m * group, 4, 1, tk)
@@ -124,12 +124,11 @@ def test_attention_module_same_with_and_without_kernel(monkeypatch, group):
 
 
 def test_disabled_by_environment(monkeypatch):
+    assert kernels.ops() is not None
     monkeypatch.setenv("TRANSDUCE_KERNELS", "0")
-    monkeypatch.delitem(kernels._state, "ops", raising=False)
     assert kernels.ops() is None
     q = torch.randn(1, 1, 1, 4)
     assert kernels.attend(q, q, q, None, 1, False, 1.0) is None
-    monkeypatch.delitem(kernels._state, "ops", raising=False)  # the next test loads it again
 
 
 def train_case(b, h, tq, tk, dh, causal, masked, seed):
@@ -270,13 +269,13 @@ def test_attention_module_trains_on_the_kernel_as_on_pytorch(monkeypatch, cross)
     monkeypatch.setattr(kernels, "attend_train", lambda *a: calls.append(1) or real(*a))
     fast, fast_grads = run()
     assert calls, "the training kernel was not used"
-    monkeypatch.setitem(kernels._state, "ops", None)
-    slow, slow_grads = run()
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    for a, b in zip(fast_grads, slow_grads):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with kernels.disabled():
+        slow, slow_grads = run()
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+        for a, b in zip(fast_grads, slow_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_dropout_keeps_pytorch_path():
@@ -495,11 +494,11 @@ def test_engine_without_the_kernels_is_torch_or_a_clear_error(monkeypatch):
 
     from transduce import engine as engines
 
-    monkeypatch.setitem(kernels._state, "ops", None)  # as on a machine where the build failed
-    model = make_model("transformer-prenorm")
-    assert engines.build(model, "auto") is model
-    with pytest.raises(ValueError, match="engine 'kernels': the CPU kernels are not built here"):
-        engines.build(model, "kernels")
+    with kernels.disabled():  # as on a machine where the build failed
+        model = make_model("transformer-prenorm")
+        assert engines.build(model, "auto") is model
+        with pytest.raises(ValueError, match="engine 'kernels': the CPU kernels are not built here"):
+            engines.build(model, "kernels")
 
 
 def int8_weights(n, k, g):
@@ -523,13 +522,13 @@ def test_int8_linear_kernel_is_the_pytorch_arithmetic(monkeypatch, bias):
     x[4] = 0  # a zero row quantizes to zeros (its scale is 0), not NaN
     b = q.bias if bias else torch.empty(0)
     fast = kernels.ops().int8_linear(x, q.qweight, q.scale, b)
-    monkeypatch.setitem(kernels._state, "ops", None)
-    slow = q(x) if bias else q.unbiased(x)[0]
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    assert torch.equal(fast[4], b if bias else torch.zeros(24))
-    ref = x @ lin.weight.detach().T + (lin.bias.detach() if bias else 0)
-    err = (fast - ref).abs().max() / ref.abs().max()
-    assert 0 < err < 0.02  # int8, so not exact, but within a few quanta
+    with kernels.disabled():
+        slow = q(x) if bias else q.unbiased(x)[0]
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fast[4], b if bias else torch.zeros(24))
+        ref = x @ lin.weight.detach().T + (lin.bias.detach() if bias else 0)
+        err = (fast - ref).abs().max() / ref.abs().max()
+        assert 0 < err < 0.02  # int8, so not exact, but within a few quanta
 
 
 FFN_ACTS = {"relu": 1, "gelu": 2, "geglu": 3, "swiglu": 4}  # the feed-forward kernels' activation codes
@@ -662,7 +661,9 @@ def test_int8_ffn_on_tiles_is_the_same_arithmetic(act):
 
 
 def avx512() -> bool:
-    flags = set(kernels._cpu_flags().split())
+    from transduce.precision import cpu_flags
+
+    flags = cpu_flags()
     return {"avx512f", "avx512bw", "avx512vl"} <= flags
 
 
@@ -733,12 +734,11 @@ def test_int8_model_decodes_on_emulated_tiles_as_on_int_mm(monkeypatch, emulated
         packed = {m.packed[0].dim() for m in model.modules() if hasattr(m, "packed")}
         return memory.states, torch.cat(logits), packed
 
-    monkeypatch.setitem(kernels._state, "tiles", False)  # where the CPU has AMX too
-    want_states, want, flat = decode()
+    with kernels.override(tiles=False):  # where the CPU has AMX too
+        want_states, want, flat = decode()
     mixed = MixedOps(emulated_tiles, kernels.ops())
-    monkeypatch.setitem(kernels._state, "ops", mixed)
-    monkeypatch.setitem(kernels._state, "tiles", True)
-    states, got, packed = decode()
+    with kernels.override(ops=mixed, tiles=True):
+        states, got, packed = decode()
     assert flat == {2} and packed == {3}
     assert "int8_ffn" in mixed.called  # feed-forward blocks fused on the packed weights, gated ones too
     torch.testing.assert_close(states, want_states, **INT8_TOL)
@@ -834,10 +834,10 @@ def test_dropout_without_kernels_or_on_other_dtypes_keeps_the_byte_mask(monkeypa
     assert kernels.dropout(torch.ones(10, dtype=torch.float64), 128) is None
     out = drop(torch.ones(64, 64, dtype=torch.float64))
     assert out.dtype == torch.float64 and set(out.unique().tolist()) == {0.0, 2.0}
-    monkeypatch.setitem(kernels._state, "ops", None)
-    out = drop(torch.ones(64, 64))
-    assert set(out.unique().tolist()) == {0.0, 2.0} and 0.4 < (out == 0).float().mean() < 0.6
-    assert torch.equal(drop.eval()(torch.ones(3)), torch.ones(3))
+    with kernels.disabled():
+        out = drop(torch.ones(64, 64))
+        assert set(out.unique().tolist()) == {0.0, 2.0} and 0.4 < (out == 0).float().mean() < 0.6
+        assert torch.equal(drop.eval()(torch.ones(3)), torch.ones(3))
 
 
 def norm_train_case(n, d, ydtype, seed=0):
@@ -1091,8 +1091,8 @@ def test_bias_gelu_kernel_in_bf16_rounds_the_sum_then_looks_it_up(cols):
 
 def test_gelu_training_kernel_declines_what_it_does_not_do(monkeypatch):
     assert kernels.gelu(torch.ones(4, dtype=torch.float64)) is None
-    monkeypatch.setitem(kernels._state, "ops", None)
-    assert kernels.gelu(torch.ones(4)) is None
+    with kernels.disabled():
+        assert kernels.gelu(torch.ones(4)) is None
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])

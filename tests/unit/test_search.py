@@ -224,3 +224,20 @@ def test_beam_advance_skips_missing_beams_and_impossible_tokens():
     assert torch.isinf(new_scores[:, len(allowed):]).all()  # fewer continuations than beams
     assert (rows.view(n, k)[:, 0] == torch.arange(n) * k).all()  # they continue beam 0, the only one
     assert ended.shape == (0, 3) and n_live == n and count.tolist() == [0, 0]
+
+
+def test_search_under_controls_at_beam_one_is_greedy(decoding_model_name):
+    # with controls, beam 1 runs through beam search's step (one body for every control): the same
+    # outputs as greedy, and each token's log-probability
+    from transduce.config import DecodeConfig
+    from transduce.controls import Controls
+    from transduce.search import search
+
+    model = make_model(decoding_model_name, seed=21)
+    src, mask = sources(decoding_model_name, b=6, seed=21)
+    cfg = DecodeConfig(beam=1, nbest=1, max_len_a=1.0, max_len_b=4, length_penalty=0.0)
+    plain = search(model, src, mask, cfg)
+    scored = search(model, src, mask, cfg, controls=Controls(token_scores=True))
+    assert [h[0].tokens for h in plain] == [h[0].tokens for h in scored]
+    for x, y in zip(plain, scored):
+        assert sum(y[0].token_logprobs) == pytest.approx(x[0].logprob, abs=1e-4)

@@ -34,9 +34,8 @@ class Splits:
 @contextmanager
 def paused_gc():
     """Python's cyclic garbage collector rescans every live container again and again while
-    millions are allocated (loading 5M pairs took 3x longer with it; CMUdict's 135k pronunciations
-    1.1 s of a 4.3 s `transduce evaluate`); reading and encoding make no reference cycles, so it is
-    paused meanwhile."""
+    millions are allocated (docs/benchmarks.md, "Data scale"); reading and encoding make no
+    reference cycles, so it is paused meanwhile."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -96,7 +95,13 @@ def columns(pairs) -> tuple[list[str], list[str]]:
 
 
 def fit_codecs(cfg: DataConfig, train: list[Pair], shared: bool) -> tuple[TextCodec, TextCodec]:
+    """The source and target codecs fitted on the training pairs: one per side, over one vocabulary
+    where `shared` (shared embeddings), or one tokenizer fitted on both sides (data.joint_tokenizer)."""
     sources, targets = columns(train)
+    if cfg.joint_tokenizer:
+        joint = TextCodec.fit(cfg.source_tokenizer, list(sources) + list(targets))
+        t = cfg.target_tokenizer
+        return joint, TextCodec(joint.tokenizer, joint.vocab, t.wrap, t.reverse)
     src = TextCodec.fit(cfg.source_tokenizer, sources)
     tgt = TextCodec.fit(cfg.target_tokenizer, targets)
     return share_vocab(src, tgt) if shared else (src, tgt)

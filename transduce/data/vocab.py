@@ -340,7 +340,9 @@ class PretrainedTokenizer:
         return [self.rename.get(t, t) for t in tokens]
 
     def join(self, symbols: list[str]) -> str:
-        return self.hf.decoder.decode([self.unrename.get(s, s) for s in symbols])
+        tokens = [self.unrename.get(s, s) for s in symbols]
+        # without a decoder, tokenizers joins the tokens with spaces
+        return self.hf.decoder.decode(tokens) if self.hf.decoder is not None else " ".join(tokens)
 
     def symbols(self) -> list[str]:
         """Our specials first, then every other checkpoint symbol in checkpoint-id order."""
@@ -361,16 +363,18 @@ class TextCodec:
 
     `wrap`: non-empty texts are encoded as <s> ... </s> (what a BERT encoder
     saw in pretraining as [CLS] ... [SEP]); for the source side only.
+    `eos`: non-empty texts end with </s> (a Marian encoder's input); source side.
     `reverse`: the ids run last symbol first (a right-to-left decoder on the
     target side, a reversed input on the source side); `decode` puts them
     back in reading order, so text in and text out read as usual.
     """
 
-    def __init__(self, tokenizer, vocab: Vocab, wrap: bool = False, reverse: bool = False):
+    def __init__(self, tokenizer, vocab: Vocab, wrap: bool = False, reverse: bool = False, eos: bool = False):
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.wrap = wrap
         self.reverse = reverse
+        self.eos = eos
 
     @classmethod
     def fit(cls, cfg: TokenizerConfig, texts: list[str]) -> "TextCodec":
@@ -407,7 +411,9 @@ class TextCodec:
         ids = self.vocab.encode(self.tokenizer.split(text), unknown)
         if self.reverse:
             ids.reverse()
-        return [BOS] + ids + [EOS] if self.wrap and ids else ids
+        if self.wrap and ids:
+            return [BOS] + ids + [EOS]
+        return ids + [EOS] if self.eos and ids else ids
 
     def encode_many(self, texts: list[str], unknown: Counter | None = None,
                     chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
@@ -417,7 +423,7 @@ class TextCodec:
         flats, lengths = [], []
         for k in range(0, len(texts), chunk):
             part = texts[k: k + chunk]
-            if bulk is not None and not self.wrap:
+            if bulk is not None and not self.wrap and not self.eos:
                 flat, length = bulk(part, self.vocab, unknown)
                 if self.reverse:
                     flat = reverse_segments(flat, length)
@@ -460,12 +466,14 @@ class TextCodec:
             return self
         itos = self.vocab.itos
         return TextCodec(self.tokenizer, Vocab(itos[: len(SPECIALS)] + [symbol] + itos[len(SPECIALS):]), self.wrap,
-                         self.reverse)
+                         self.reverse, self.eos)
 
     def to_dict(self) -> dict:
         d = {"tokenizer": self.tokenizer.to_dict(), "symbols": self.vocab.itos, "wrap": self.wrap}
         if self.reverse:  # absent in reading order: codecs saved before it existed compare equal
             d["reverse"] = True
+        if self.eos:
+            d["eos"] = True
         return d
 
     @classmethod
@@ -481,7 +489,8 @@ class TextCodec:
             tok = PretrainedTokenizer(t["hf_json"], t["lowercase"])
         else:
             raise ValueError(f"unknown tokenizer kind {t['kind']!r}")
-        return cls(tok, Vocab(d["symbols"]), bool(d.get("wrap", False)), bool(d.get("reverse", False)))
+        return cls(tok, Vocab(d["symbols"]), bool(d.get("wrap", False)), bool(d.get("reverse", False)),
+                   bool(d.get("eos", False)))
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -491,7 +500,8 @@ def share_vocab(a: TextCodec, b: TextCodec) -> tuple[TextCodec, TextCodec]:
     """Both codecs over one vocabulary covering both sides (for shared embeddings)."""
     extra = [s for s in b.vocab.itos[len(SPECIALS):] if s not in a.vocab.stoi]
     vocab = Vocab(a.vocab.itos + extra)
-    return TextCodec(a.tokenizer, vocab, a.wrap, a.reverse), TextCodec(b.tokenizer, vocab, b.wrap, b.reverse)
+    return (TextCodec(a.tokenizer, vocab, a.wrap, a.reverse, a.eos),
+            TextCodec(b.tokenizer, vocab, b.wrap, b.reverse, b.eos))
 
 
 def reverse_segments(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:

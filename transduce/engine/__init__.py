@@ -7,7 +7,7 @@ loaded (as CTranslate2 converts one) and is what search steps:
 - `torch`: the modules themselves.
 - `kernels`: the CPU kernels (transduce/kernels) for Transformer encoders and
   decoders, float32 or int8 (engine/kernels.py): a decoding step in a few
-  fused calls instead of ~300 small tensor ops (docs/benchmarks.md, "Decoding").
+  fused calls instead of hundreds of small tensor ops (docs/speed.md).
 - `auto` (the default): `kernels` where they are built and the model is one they
   run, `torch` otherwise.
 

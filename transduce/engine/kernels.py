@@ -11,6 +11,7 @@ rows instead. Search sees the model's interface (models/base.py).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from transduce import kernels
+from transduce.data.vocab import BOS
 from transduce.models.base import EncoderOutput
 from transduce.models.layers import GatedActivation
 from transduce.models.quantize import Int8Linear
 from transduce.models.transformer import EncoderStack, TransformerState
 
+log = logging.getLogger("transduce")
 _NO_ROWS = torch.empty(0, dtype=torch.long)
 _EMPTY = torch.empty(0)
 _ACTS = {(nn.ReLU, "none"): 1, (nn.GELU, "none"): 2}  # the feed-forward kernels' activation codes
@@ -37,6 +40,9 @@ def runs_on_kernels(model: nn.Module) -> str | None:
         return "the model is in training mode"
     if not isinstance(getattr(model.src_embed, "tokens", None), nn.Embedding):
         return "its inputs are real-valued vectors, not tokens"
+    if len(getattr(model, "start", ())) > 1:
+        return (f"model.decoder_start {model.config.decoder_start!r} reads more than one token before the "
+                "first output")
     weight = model.src_embed.tokens.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return f"it runs float32 weights on the CPU (these are {weight.dtype} on {weight.device.type})"
@@ -172,6 +178,7 @@ class KernelTransformer(_Engine):
         super().__init__(model)
         quantized = any(type(m) is Int8Linear for m in model.modules())
         self.cache_dtype = cache_dtype or (torch.bfloat16 if quantized else torch.float32)
+        self.start_token = getattr(model, "start", (BOS,))[0]
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOutput:
         return self._encode(src, src_mask)
@@ -180,6 +187,10 @@ class KernelTransformer(_Engine):
         return self.model.max_output_len(src_mask)
 
     def init_state(self, memory: EncoderOutput, beam: int, max_len: int, record_attention: bool = False):
+        if record_attention and not getattr(self, "_said_attention", False):
+            self._said_attention = True  # once per engine: the kernels' attention returns no weights
+            log.info("cross-attention requested (alignments, coverage or replace_unk): the decoder steps on the "
+                     "PyTorch modules, the encoder stays on the kernels")
         if record_attention or torch.is_grad_enabled():
             return self.model.init_state(memory, beam, max_len, record_attention)
         b, c = memory.states.shape[0], self.config
@@ -199,6 +210,8 @@ class KernelTransformer(_Engine):
             return self.model.step(tokens, state)
         ops, m, c = self.ops, self.model, self.config
         e, t = m.tgt_embed, state.t
+        if t == 0 and self.start_token != BOS:  # <s> stands for the decoder's start token (model.decoder_start)
+            tokens = torch.full_like(tokens, self.start_token)
         if t >= e.max_positions:
             raise ValueError(f"sequence of {t + 1} positions exceeds model.max_positions={e.max_positions}")
         pos = e.positions.weight[t] if e.positions is not None else e.table[t]

@@ -63,7 +63,8 @@ def _ffn(spec, ff) -> None:
     _linear(spec.linear_1, ff.down)
 
 
-_ACTIVATIONS = {"relu": ("RELU", False), "gelu": ("GELU", False), "geglu": ("GELU", True), "swiglu": ("SWISH", True)}
+_ACTIVATIONS = {"relu": ("RELU", False), "gelu": ("GELU", False), "silu": ("SWISH", False), "geglu": ("GELU", True),
+                "swiglu": ("SWISH", True)}
 
 
 def _norm(spec, norm: torch.nn.LayerNorm) -> None:
@@ -118,7 +119,7 @@ def build_spec(model):
         _norm(theirs.attention.layer_norm, ours.r2.norm)
         _ffn(theirs.ffn, ours.ff)
         _norm(theirs.ffn.layer_norm, ours.r3.norm)
-    dec.projection.weight = _np(model.output.weight)
+    _linear(dec.projection, model.output)  # with Marian's or BART's bias (model.output_bias)
     return spec
 
 
@@ -126,6 +127,8 @@ def export(run, out_dir: str | Path, quantization: str | None = None) -> Path:
     """Write a CTranslate2 model of `run` (a LoadedRun) plus our codecs into `out_dir`."""
     spec = build_spec(run.model)
     spec.config.layer_norm_epsilon = run.model.config.norm_eps
+    # the decoder's first input (model.decoder_start); BART's second, <s>, is a target prefix (CT2Translator)
+    spec.config.decoder_start_token = ct2_symbol(run.model.start[0])
     spec.register_source_vocabulary([ct2_symbol(i) for i in range(len(run.source.vocab))])
     spec.register_target_vocabulary([ct2_symbol(i) for i in range(len(run.target.vocab))])
     spec.validate()
@@ -141,7 +144,8 @@ def export(run, out_dir: str | Path, quantization: str | None = None) -> Path:
     (tmp / "transduce.json").write_text(json.dumps({
         "format": "ctranslate2", "quantization": quantization or "float32",
         "decode": run.config.decode.__dict__, "source_run": str(run.checkpoint),
-        "max_output_len": run.model.config.max_positions - 1}, indent=1), encoding="utf-8")
+        "max_output_len": run.model.config.max_positions - len(run.model.start),
+        "decoder_prefix": [ct2_symbol(t) for t in run.model.start[1:]]}, indent=1), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -187,6 +191,7 @@ class CT2Translator:
                 groups[-1].append(i)
             else:
                 groups.append([i])
+        prefix = self.meta.get("decoder_prefix", [])  # BART's <s> after its start token </s>
         pending = []  # submitted at once: the translator's workers (inter_threads) take them in turn
         for idx in groups:
             limit = max(1, min(int(a * max(len(sources[i]) for i in idx) + b),
@@ -195,12 +200,15 @@ class CT2Translator:
                 [[ct2_symbol(t) for t in sources[i]] for i in idx], beam_size=beam, num_hypotheses=nbest,
                 # min_decoding_length: CTranslate2's default (1) forbids the end token at the first
                 # step, where ours allows an empty output
-                max_decoding_length=limit, min_decoding_length=0, length_penalty=lp if beam > 1 else 0.0,
+                target_prefix=[prefix] * len(idx) if prefix else None,
+                max_decoding_length=limit + len(prefix), min_decoding_length=0,
+                length_penalty=lp if beam > 1 else 0.0,
                 suppress_sequences=[[CT2_SPECIALS[0]], [CT2_SPECIALS[2]]], return_end_token=False,
                 asynchronous=True)))
         for idx, results in pending:
             for i, r in zip(idx, results):
-                out[i] = [[int(t) if t not in ("<unk>",) else 1 for t in hyp] for hyp in r.result().hypotheses]
+                out[i] = [[int(t) if t not in ("<unk>",) else 1 for t in hyp[len(prefix):]]
+                          for hyp in r.result().hypotheses]
         return out
 
     def translate(self, texts: list[str], beam: int = 1, nbest: int = 1, batch_size: int = 200) -> list[list[str]]:

@@ -32,8 +32,7 @@ the next projections (`add_norm_train`, used by models/layers.py's
 `beam_advance`, used by search.py): with decoding workers on threads, each
 small op of a step waited for the interpreter lock behind the others.
 
-The kernels are built with PyTorch's C++ extension builder (g++ and ninja: the `fast` extra; ~25 s on
-2 cores) into
+The kernels are built with PyTorch's C++ extension builder (g++ and ninja: the `fast` extra) into
 `$TRANSDUCE_CACHE/kernels/<key>` (default `~/.cache/transduce`), the key
 naming the sources, the PyTorch version and the CPU. `make install` builds them
 (`python -m transduce.kernels`); without a compiler, or with
@@ -141,8 +140,33 @@ def _build_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def override(**values):
+    """Within the block, `ops()` and `int8_tiles()` answer the given values instead of this machine's:
+    `override(ops=None)` (or `disabled()`) runs everything on PyTorch's ops, as on a machine without the
+    kernels; `ops=` another namespace and `tiles=` stand in for a kernel build (tests of the AMX path
+    on emulated tiles)."""
+    unknown = set(values) - {"ops", "tiles"}
+    if unknown:
+        raise TypeError(f"override: unknown switches {sorted(unknown)}; valid: ops, tiles")
+    saved = dict(_state)
+    _state.update(values)
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+
+
+def disabled():
+    """A block in which PyTorch's ops run instead of the kernels (`TRANSDUCE_KERNELS=0` for a process)."""
+    return override(ops=None)
+
+
 def ops():
     """`torch.ops.transduce` with the kernels loaded, or None (disabled, or the build failed)."""
+    if not enabled():
+        return None
     if "ops" not in _state:
         _state["ops"] = None
         if enabled():
@@ -256,8 +280,8 @@ def fused_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 
 
 # Keys per row up to which training attention runs on the kernel: up to 32 its sums stay in
-# registers and it beats PyTorch's flash kernel (2.1x at 12 keys, 1.06x at 32); beyond, flash's
-# blocking wins (0.63x at 48, 0.41x at 256; forward + backward, docs/benchmarks.md).
+# registers and it beats PyTorch's flash kernel; beyond, flash's blocking wins (docs/history.md,
+# "Attention training on our kernel").
 TRAIN_MAX_KEYS = 32
 
 

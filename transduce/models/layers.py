@@ -10,22 +10,24 @@ from torch import nn
 from transduce import kernels
 
 
-def sinusoidal_table(n: int, d: int) -> torch.Tensor:
-    """(n, d) fixed sinusoidal position encodings (Vaswani et al. 2017)."""
+def sinusoidal_table(n: int, d: int, halves: bool = False) -> torch.Tensor:
+    """(n, d) fixed sinusoidal position encodings (Vaswani et al. 2017): sines and cosines of each
+    frequency side by side, or (`halves`) all sines, then all cosines (Marian, fairseq)."""
     pos = torch.arange(n, dtype=torch.float32)[:, None]
     div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
     table = torch.zeros(n, d)
-    table[:, 0::2] = torch.sin(pos * div)
-    table[:, 1::2] = torch.cos(pos * div[: d // 2])
+    sines, cosines = (slice(0, (d + 1) // 2), slice((d + 1) // 2, d)) if halves else (slice(0, d, 2), slice(1, d, 2))
+    table[:, sines] = torch.sin(pos * div)
+    table[:, cosines] = torch.cos(pos * div[: d // 2])
     return table
 
 
 class Dropout(nn.Module):
     """Inverted dropout with the mask drawn from random bytes.
 
-    PyTorch's CPU dropout draws one float per element from a serial generator
-    (about 15 ns each, a quarter of a G2P training step here); filling int64s
-    gives 8 random bytes per draw, about ten times faster. On the CPU the
+    PyTorch's CPU dropout draws one float per element from a serial generator,
+    a large share of a small model's training step; filling int64s gives 8
+    random bytes per draw. On the CPU the
     kernel (kernels/dropout.cpp) goes further: one pass, the bytes hashed from
     a seed and the element's index, so backward recomputes the mask instead
     of storing it. The drop probability is rounded to a multiple of 1/256
@@ -55,6 +57,9 @@ class Dropout(nn.Module):
 class Embedding(nn.Module):
     """Token embedding scaled by sqrt(d), plus sinusoidal or learned positions, then dropout.
 
+    `positions`: "learned", "sinusoidal" (sines and cosines interleaved) or
+    "sinusoidal_halves" (sines, then cosines: Marian's table).
+
     BERT-style embeddings leave the tokens unscaled (`scale=False`) and add a
     LayerNorm before the dropout (`norm=True`).
     """
@@ -70,7 +75,8 @@ class Embedding(nn.Module):
             self.positions = nn.Embedding(max_positions, d)
         else:
             self.positions = None
-            self.register_buffer("table", sinusoidal_table(max_positions, d), persistent=False)
+            self.register_buffer("table", sinusoidal_table(max_positions, d, positions == "sinusoidal_halves"),
+                                 persistent=False)
         self.max_positions = max_positions
         self.dropout = Dropout(dropout)
 
@@ -169,14 +175,14 @@ class Attention(nn.Module):
             weights.append(probs)
             return probs @ v
         if p == 0.0 and torch.is_grad_enabled():
-            # Training (or any pass that needs gradients) on short rows: the training kernels,
-            # ~2x PyTorch's flash kernel forward + backward at G2P lengths (docs/benchmarks.md).
+            # Training (or any pass that needs gradients) on short rows: the training kernel beats
+            # PyTorch's flash kernel there (kernels.TRAIN_MAX_KEYS).
             out = kernels.attend_train(q, k, v, mask, causal, self.dh ** -0.5)
             if out is not None:
                 return out
         if not self.training and not causal and q.shape[-2] <= DECODE_QUERIES:
             # A decoding step (a query or a few per row against short keys): plain matmuls beat the
-            # SDPA kernel's per-row set-up here (about 2x at 200 rows, 1.3x at 1,000).
+            # SDPA kernel's per-row set-up.
             scores = (q @ k.transpose(-1, -2)).mul_(self.dh ** -0.5)
             if mask is not None:
                 scores.masked_fill_(~mask, float("-inf"))
@@ -239,6 +245,7 @@ class GatedActivation(nn.Module):
 
 
 GATED_ACTIVATIONS = {"geglu": "gelu", "swiglu": "silu"}  # model.activation -> the gate's function
+FUSED_ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")  # those the training kernel (kernels.bias_act) fuses
 
 
 class FeedForward(nn.Module):
@@ -251,15 +258,18 @@ class FeedForward(nn.Module):
         self.gated = GATED_ACTIVATIONS.get(activation)  # the gate's function, or None
         self.up = nn.Linear(d, 2 * ff if self.gated else ff)
         self.down = nn.Linear(ff, d)
-        self.act = GatedActivation(self.gated) if self.gated else nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = (GatedActivation(self.gated) if self.gated else nn.GELU() if activation == "gelu"
+                    else nn.SiLU() if activation == "silu" else nn.ReLU())
         self.dropout = Dropout(dropout)
         self.kernel_act = self.gated or activation  # bias_act's name for it
+        self.fused = activation in FUSED_ACTIVATIONS
 
     def forward(self, x):
         up = self.up
-        if torch.is_grad_enabled() and type(up) is nn.Linear and (x.requires_grad or up.weight.requires_grad):
+        if (torch.is_grad_enabled() and type(up) is nn.Linear and (x.requires_grad or up.weight.requires_grad)
+                and self.fused):
             # training: the projection without its bias, then the bias and activation in one kernel pass
-            # each way, the derivative kept in the projection's output (docs/benchmarks.md)
+            # each way, the derivative kept in the projection's output (docs/speed.md, "Training")
             h = F.linear(x, up.weight)
             a = kernels.bias_act(h, up.bias, self.kernel_act, overwrite=True, glu=self.gated is not None)
             if a is None:

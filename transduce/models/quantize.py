@@ -30,8 +30,7 @@ log = logging.getLogger("transduce")
 
 def native_int8() -> bool:
     """Whether this CPU multiplies int8 natively. Without VNNI or AMX, `torch._int_mm` falls back to
-    a slow path: on an AVX2-only CPU (AMD EPYC Zen 3) the int8 G2P model decoded 15x slower than
-    float32 (docs/benchmarks.md)."""
+    a slow path, much slower than float32 (docs/speed.md, "int8")."""
     return bool(set(INT8_FLAGS) & precision.cpu_flags())
 
 

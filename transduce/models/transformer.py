@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transduce.data.vocab import BOS, EOS, PAD
 from transduce.models.base import EncoderDecoderModel, EncoderOutput
 from transduce.models.layers import Attention, Embedding, FeedForward, Residual, bf16_twin, init_weights, reorder_cache
 
@@ -30,9 +31,11 @@ class EncoderStackConfig:
     dropout: float = 0.1             # on embeddings and residual branches
     activation_dropout: float = 0.0  # inside the feed-forward block (costly on CPU, rarely needed)
     attention_dropout: float = 0.0   # on attention probabilities
-    activation: Literal["relu", "gelu", "geglu", "swiglu"] = "relu"  # geglu, swiglu: gated (models/layers.py)
+    # geglu, swiglu: gated (models/layers.py); silu: Marian's "swish"
+    activation: Literal["relu", "gelu", "silu", "geglu", "swiglu"] = "relu"
     norm: Literal["pre", "post"] = "pre"  # pre-norm trains stably without long warmup
-    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    # sinusoidal: sines and cosines interleaved; sinusoidal_halves: sines, then cosines (Marian's table)
+    positions: Literal["sinusoidal", "sinusoidal_halves", "learned"] = "sinusoidal"
     max_positions: int = 1024        # longest source or target the model accepts
     embed_scale: bool = True         # token embeddings times sqrt(d_model) (Vaswani); BERT: false
     embed_norm: bool = False         # LayerNorm on embeddings + positions (BERT: true)
@@ -66,6 +69,10 @@ class TransformerConfig(EncoderStackConfig):
     # feed-forward blocks from that checkpoint (BERT2BERT, Rothe et al. 2020);
     # cross-attention is always new. Needs a pretrained target tokenizer.
     init_decoder: bool = False
+    output_bias: bool = False        # a bias on the output projection (Marian's and BART's final_logits_bias)
+    # what the decoder reads before its first output: <s> (ours), <pad> (Marian), </s> <s> (BART, whose
+    # decoder starts from </s> and is made to write <s> first)
+    decoder_start: Literal["bos", "pad", "eos_bos"] = "bos"
 
     def validate(self) -> None:
         super().validate()
@@ -83,6 +90,10 @@ def stack_embedding(c: EncoderStackConfig, vocab: int, tokens: nn.Embedding | No
 def final_norm(c: EncoderStackConfig) -> nn.Module:
     """Pre-norm stacks end with a LayerNorm; post-norm layers already end normalised."""
     return nn.LayerNorm(c.d_model, eps=c.norm_eps) if c.norm == "pre" else nn.Identity()
+
+
+# model.decoder_start -> the ids the decoder reads before its first output
+DECODER_STARTS = {"bos": (BOS,), "pad": (PAD,), "eos_bos": (EOS, BOS)}
 
 
 class EncoderLayer(nn.Module):
@@ -199,7 +210,8 @@ class Transformer(EncoderStack):
         self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
         self.enc_norm = final_norm(c)
         self.dec_norm = final_norm(c)
-        self.output = nn.Linear(d, tgt_vocab, bias=False)
+        self.output = nn.Linear(d, tgt_vocab, bias=c.output_bias)
+        self.start = DECODER_STARTS[c.decoder_start]
         init_weights(self)
         if c.tie_output:
             self.output.weight = tgt_tokens.weight
@@ -208,17 +220,30 @@ class Transformer(EncoderStack):
     def forward(self, batch) -> torch.Tensor:
         memory = self.encode(batch.src, batch.src_mask)
         mask = memory.mask[:, None, None, :]
-        x = self.tgt_embed(batch.tgt_in)  # (B, T, D)
+        tgt_in, extra = self.decoder_input(batch.tgt_in)
+        x = self.tgt_embed(tgt_in)  # (B, T + extra, D)
         states = bf16_twin(memory.states)  # a post-norm stack's last Residual's bf16 copy under autocast
         for layer in self.decoder:
             k, v = layer.cross_attn.project_kv(states)
             x = layer(x, k, v, mask)
-        return self.output(bf16_twin(self.dec_norm(x)))  # (B, T, V)
+        return self.output(bf16_twin(self.dec_norm(x[:, extra:])))  # (B, T, V)
+
+    def decoder_input(self, tgt_in: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """tgt_in (B, T), <s> y1 .. with <s> replaced by the decoder's start (model.decoder_start),
+        and how many positions the start adds (their outputs are not predictions of y)."""
+        if self.start == (BOS,):
+            return tgt_in, 0
+        x = tgt_in.clone()
+        x[:, 0] = self.start[-1]
+        extra = len(self.start) - 1
+        if extra:
+            x = torch.cat([x.new_tensor(self.start[:-1]).expand(x.shape[0], extra), x], 1)
+        return x, extra
 
     # -- search interface ---------------------------------------------------
     def max_output_len(self, src_mask: torch.Tensor) -> torch.Tensor:
-        # <s> and the outputs before the last take positions 0..max_positions-1
-        return torch.full((src_mask.shape[0],), self.config.max_positions - 1, dtype=torch.long)
+        # the start (<s>) and the outputs before the last take positions 0..max_positions-1
+        return torch.full((src_mask.shape[0],), self.config.max_positions - len(self.start), dtype=torch.long)
 
     def init_state(self, memory: EncoderOutput, beam: int, max_len: int,
                    record_attention: bool = False) -> TransformerState:
@@ -230,13 +255,23 @@ class Transformer(EncoderStack):
         mem_kv = [tuple(t.contiguous() for t in layer.cross_attn.project_kv(memory.states)) for layer in self.decoder]
         like = memory.states
         # positions are written before they are read: no need to clear them
+        max_len += len(self.start) - 1
         cache = [(like.new_empty(b * beam, c.heads, max_len, dh), like.new_empty(b * beam, c.heads, max_len, dh))
                  for _ in self.decoder]
         return TransformerState(mem_kv, memory.mask[:, None, None, :], cache, 0, beam,
                                 [] if record_attention else None)
 
     def step(self, tokens: torch.Tensor, state: TransformerState) -> tuple[torch.Tensor, TransformerState]:
-        # tokens (N,) with N = B * beam -> logits (N, V)
+        # tokens (N,) with N = B * beam -> logits (N, V); the first (<s>) stands for the decoder's start
+        if state.t == 0 and self.start != (BOS,):
+            for tok in self.start[:-1]:  # positions before the last start token: their outputs go unused
+                self._step(torch.full_like(tokens, tok), state)
+                if state.attention is not None:
+                    state.attention.pop()
+            tokens = torch.full_like(tokens, self.start[-1])
+        return self._step(tokens, state)
+
+    def _step(self, tokens: torch.Tensor, state: TransformerState) -> tuple[torch.Tensor, TransformerState]:
         x = self.tgt_embed(tokens[:, None], start=state.t)
         weights = [] if state.attention is not None else None
         for layer, (k, v), cache in zip(self.decoder, state.mem_kv, state.cache):

@@ -74,7 +74,8 @@ class Seq2SeqTask(Task):
         """`fit_codecs`, then `encode` of the training pairs: in one pass over each column where this
         task fits and encodes as plain seq2seq does (no shared vocabulary, no train.init_from)."""
         plain = type(self).fit_codecs is Seq2SeqTask.fit_codecs and type(self).encode is Seq2SeqTask.encode
-        if plain and init is None and not getattr(cfg.model, "share_embeddings", False):
+        if plain and init is None and not getattr(cfg.model, "share_embeddings", False) \
+                and not cfg.data.joint_tokenizer:
             return fit_encode_pairs(cfg.data, train, "train")
         return super().fit_and_encode(cfg, train, init)
 

@@ -1,15 +1,15 @@
-"""The training loop: read top to bottom.
+"""The training loop, read top to bottom in `_train`:
 
-    prepare data and codecs -> build model and optimizer -> resume if a
-    checkpoint exists (refusing a changed config or vocabulary) -> loop over
-    token-budget batches: forward, loss, backward, clip, step, log ->
-    evaluate on dev, keep best, stop early -> final checkpoint.
+    prepare data and codecs -> build model and optimizer -> resume if a checkpoint exists
+    (refusing a changed config or vocabulary) -> loop over token-budget batches: learning rate,
+    `forward_backward`, clip, step, log -> evaluate on dev, keep best, stop early -> last
+    checkpoint, average of the last ones.
 
-Under torchrun every process runs this same loop on its shard of each
-update's batches (see `transduce.training.distributed`); rank 0 alone
-writes. A killed run restarted with the same command resumes from its last
-complete checkpoint and, with `train.deterministic` and the same thread
-count, repeats the uninterrupted run's losses bit for bit.
+Where training stands is a `TrainState` (saved in every checkpoint); when it stops, a `Budget`
+(steps, epochs, minutes by the clock). Under torchrun every process runs this same loop on its
+shard of each update's batches (`transduce.training.distributed`); rank 0 alone writes. A killed
+run restarted with the same command resumes from its last complete checkpoint and, with
+`train.deterministic` and the same thread count, repeats the uninterrupted run's losses bit for bit.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def clip_gradients(params, max_norm: float) -> float:
     (0: no clipping), as `clip_grad_norm_` does; but only then. `clip_grad_norm_` multiplies every
     gradient by its coefficient clamped to 1 even when nothing is clipped (so as never to wait on
     a GPU), a pass over all gradients that most updates do not need: past the first hundreds of
-    updates the G2P recipes' norms stay well under their 1.0 (~0.5 ms of a 30 ms update)."""
+    updates the G2P recipes' norms stay well under their 1.0."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
@@ -168,6 +169,88 @@ def train(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dic
         ctx.close()
 
 
+@dataclass
+class TrainState:
+    """Where training stands: saved in every checkpoint's state.json, restored on resume."""
+    step: int = 0                       # optimizer updates made
+    epoch: int = 0
+    position: int = 0                   # batches of this epoch's plan already used
+    elapsed_s: float = 0.0              # the run's clock, evaluations included
+    tokens: int = 0                     # source + target tokens trained on
+    best: float | None = None           # best dev value of the first metric, and its step
+    best_step: int | None = None
+    evals_without_gain: int = 0
+    bad_steps: int = 0                  # consecutive non-finite updates
+    decay_start_s: float | None = None  # a decay over train.max_minutes starts here (end of warmup)
+
+    @classmethod
+    def restore(cls, saved: dict) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Budget:
+    """When training stops (train.max_steps, max_epochs, max_minutes) and the clock the time budget
+    and a decay over it follow."""
+    max_steps: int
+    max_epochs: int
+    max_minutes: float
+    origin: float  # time.monotonic() at elapsed 0
+
+    @classmethod
+    def start(cls, tc, elapsed_s: float) -> "Budget":
+        return cls(tc.max_steps, tc.max_epochs, tc.max_minutes, time.monotonic() - elapsed_s)
+
+    def clock(self) -> float:
+        return time.monotonic() - self.origin
+
+    def late(self, clock: float | None = None) -> bool:
+        return bool(self.max_minutes) and (self.clock() if clock is None else clock) >= self.max_minutes * 60
+
+    def spent(self, state: TrainState, late: bool) -> str | None:
+        """Why training stops now, or None; `late` is the time budget as every rank sees it."""
+        if self.max_steps and state.step >= self.max_steps:
+            return "max_steps"
+        if late:
+            return "max_minutes"
+        if self.max_epochs and state.epoch >= self.max_epochs:
+            return "max_epochs"
+        return None
+
+    def decay_share(self, state: TrainState, clock: float) -> float | None:
+        """The share of the time budget after warmup used by `clock` (the mean over ranks), so a
+        decaying schedule ends with the budget even when the speed changes; None before warmup ends."""
+        if state.decay_start_s is None:
+            return None
+        return (clock - state.decay_start_s) / max(1e-9, self.max_minutes * 60 - state.decay_start_s)
+
+    def left(self) -> str:
+        if not self.max_minutes:
+            return "-"
+        s = max(0, int(self.max_minutes * 60 - self.clock()))
+        return f"{s // 60}:{s % 60:02d}"
+
+
+def forward_backward(net, batches: list[Batch], n_tokens: float, loss_of, ctx: distributed.Dist, autocast) -> float:
+    """One update's gradients, accumulated over its batches; returns its loss per target token.
+    `loss_of(output, batch)` is the summed loss of a batch (the task's: `Task.loss`).
+    Losses are summed and divided by the target tokens of the whole update on all ranks; DDP
+    averages gradients over ranks, so scaling by their number makes them those of the summed loss."""
+    loss_sum = 0.0
+    for i, b in enumerate(batches):
+        sync = net.no_sync() if ctx.active and i < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast():
+                logits = net(b)
+            loss = loss_of(logits, b) * ctx.world / n_tokens
+            loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum
+
+
 def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.Dist) -> dict:
     tc = cfg.train
     ctx.raise_if_any(_check_writable(run_dir) if ctx.is_main else None)
@@ -176,293 +259,307 @@ def _train(cfg: Config, run_dir: Path, progress: bool | None, ctx: distributed.D
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(tc.deterministic)
 
-    # -- resume or start ------------------------------------------------------
-    last = checkpoint_dir(run_dir, "last")
-    saved, tensors = read_checkpoint(last) if last is not None else (None, None)
-    if last is not None:
-        if saved.get("averaged_from"):
-            raise CheckpointError(
-                f"{last}: weights averaged over checkpoints (transduce average), not a point training can "
-                f"resume from (no optimizer state); to train on from them, start a new run with --set "
-                f"train.init_from={run_dir}")
-        check_resumable(cfg, run_dir, last, saved)
+    # -- data, model, optimizer; the state of the last checkpoint if there is one ----------------
+    last, saved, tensors = _resume_point(cfg, run_dir)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(tc.seed)
     splits, src_codec, tgt_codec, data = prepare(cfg, run_dir, resuming=last is not None, ctx=ctx)
     codec_texts = read_codec_texts(run_dir) if ctx.is_main else {}
-    dev_sources, dev_refs = group_references(splits.dev)
-    dev_pairs = splits.dev
-    if tc.eval_max_items and len(dev_sources) > tc.eval_max_items:
-        chosen = set(shuffled(dev_sources, tc.seed)[: tc.eval_max_items])
-        dev_pairs = [p for p in splits.dev if p.source in chosen]
-
+    dev_pairs = _dev_subset(splits.dev, tc)
     model = build_model(cfg.model, len(src_codec.vocab), len(tgt_codec.vocab))
     if last is None:  # train.init_from or model.init_encoder (training/warmstart.py)
         for line in initial_weights(model, cfg, src_codec, tgt_codec):
             log.info("%s", line)
     model.to(ctx.device)
     optimizer = make_optimizer(model, tc)
-    state = {"step": 0, "epoch": 0, "position": 0, "elapsed_s": 0.0, "best": None,
-             "best_step": None, "evals_without_gain": 0, "tokens": 0, "bad_steps": 0}
+    state = TrainState()
     if last is not None:
-        load_model_tensors(model, tensors, last / "model.safetensors")
-        optimizer.load_state_dict(optimizer_join(load_tensors(last / "optimizer.safetensors"),
-                                                 saved.pop("optimizer")))
-        _restore_rng(last, saved.get("world_size", 1), ctx, tc.seed)
-        for key in ("files", "config", "fingerprint", "world_size"):
-            saved.pop(key, None)
-        state.update(saved)
-        best = checkpoint_dir(run_dir, "best")
-        if best is not None and best != last:  # an average made best after `last` was saved
-            best_state = read_json(best / "state.json")
-            if best_state.get("averaged_from") and cfg.eval.metrics[0] in best_state.get("dev", {}):
-                state["best"], state["best_step"] = best_state["dev"][cfg.eval.metrics[0]], best_state["step"]
-        log.info("resuming %s from step %d (epoch %d, batch %d)", run_dir, state["step"], state["epoch"],
-                 state["position"])
+        state = _restore(cfg, run_dir, last, saved, tensors, model, optimizer, ctx)
     elif ctx.rank > 0:  # same initial weights everywhere, but each rank its own dropout
         torch.manual_seed(tc.seed + 1_000_003 * ctx.rank)
-    saved_step = state["step"] if last is not None else None
     net = model
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    metrics_log = (MetricsLog(run_dir / "metrics.jsonl", state["step"] if last is not None else None)
-                   if ctx.is_main else _NoLog())
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters; %d training pairs; vocab %d/%d", cfg.model.family, n_params / 1e6,
-             len(data.src), len(src_codec.vocab), len(tgt_codec.vocab))
-
-    metric = cfg.eval.metrics[0]
-    task = task_for(cfg)
-    view = LoadedRun(cfg, model, src_codec, tgt_codec, state, run_dir, task)
-    bf16 = use_bf16(tc.bf16, ctx.device)
-    autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-
-    dev_engine = "torch" if cfg.decode.engine == "torch" else "auto"
-
-    def evaluate() -> dict:
-        """Dev metrics (rank 0 only); decoding runs on the CPU."""
-        eval_model = model
-        if ctx.device.type != "cpu":
-            eval_model = build_model(cfg.model, len(src_codec.vocab), len(tgt_codec.vocab))
-            eval_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-        eval_model.eval()
-        result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam,
-                                           model=engines.build(eval_model, dev_engine))
-        model.train()
-        return result
-
-    keep = max(tc.keep_checkpoints, tc.average_last)
-
-    def checkpoint(best: bool) -> None:
-        """Every rank's generator states, written with the rest by rank 0."""
-        nonlocal saved_step
-        rng = ctx.gather(rng_state(ctx.device))
-        error = None
-        if ctx.is_main:
-            name = f"step-{state['step']:07d}"
-            meta = dict(state, config=cfg.to_dict(), fingerprint=fingerprint(cfg, codec_texts),
-                        world_size=ctx.world)
-            try:
-                save_checkpoint(run_dir, name, model, optimizer, meta, best, keep,
-                                rng={f"rank{r}.{k}": v for r, d in enumerate(rng) for k, v in d.items()},
-                                texts=codec_texts)
-            except OSError as e:
-                previous = f"step-{saved_step:07d}" if saved_step is not None else None
-                error = RunDirWriteError(
-                    f"{run_dir}: could not write checkpoint {name} ({e.strerror}); training stopped. "
-                    + (f"The previous checkpoint {previous} is intact: free space or fix permissions, then "
-                       "run the same command to resume." if previous else "No checkpoint had been saved yet."))
-        ctx.raise_if_any(error)
-        saved_step = state["step"]
-
-    # -- loop -----------------------------------------------------------------
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.step if last is not None else None) \
+        if ctx.is_main else _NoLog()
+    log.info("model %s: %.2fM parameters; %d training pairs; vocab %d/%d", cfg.model.family,
+             sum(p.numel() for p in model.parameters()) / 1e6, len(data.src), len(src_codec.vocab),
+             len(tgt_codec.vocab))
+    view = LoadedRun(cfg, model, src_codec, tgt_codec, {}, run_dir, task_for(cfg))
+    loss_of = lambda out, b: view.task.loss(out, b, cfg)  # noqa: E731  (cross-entropy, or a regression's)
+    evaluate = _dev_evaluator(cfg, view, dev_pairs, ctx)
+    saver = Checkpointer(cfg, run_dir, model, optimizer, ctx, codec_texts, state.step if last is not None else None)
+    autocast = ((lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16))
+                if use_bf16(tc.bf16, ctx.device) else nullcontext)
     if ctx.device.type == "cpu" or (dev_pairs and ctx.is_main):
         # Attention trains on the CPU kernels, and dev evaluations decode on them: build (first
         # time on this machine) and load them before the clock starts, not inside the budget.
         from transduce import kernels
 
         kernels.ops()
-    show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
-    from tqdm import tqdm
 
-    bar = tqdm(total=tc.max_steps or None, initial=state["step"], disable=not show, unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    start_time = time.monotonic() - state["elapsed_s"]
-    window_tokens, window_start, window_loss, window_n = 0, time.monotonic(), 0.0, 0
-    window_cpu = hoststeal.cpu_times()
-    # Each optimizer update takes `per_update` consecutive batches of the epoch's global plan;
+    # -- the loop ----------------------------------------------------------------------------------
+    show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
+    bar = _progress_bar(tc, state, show)
+    budget = Budget.start(tc, state.elapsed_s)
+    window = LogWindow(metrics_log, bar, show)
+    # Each update takes `per_update` consecutive batches of the epoch's global plan;
     # rank r computes batches r, r + N, r + 2N, ... of them (N processes).
     per_update = tc.accum_steps * ctx.world
-
-    def out_of_budget(late: bool) -> str | None:
-        if tc.max_steps and state["step"] >= tc.max_steps:
-            return "max_steps"
-        if late:
-            return "max_minutes"
-        if tc.max_epochs and state["epoch"] >= tc.max_epochs:
-            return "max_epochs"
-        return None
-
-    def late_here() -> bool:
-        return bool(tc.max_minutes) and time.monotonic() - start_time >= tc.max_minutes * 60
-
-    def total_steps() -> int | None:
-        """Updates a cosine or linear schedule decays over: train.max_steps (or the number planned by
-        a run saved before time budgets decayed by the clock, rescaled if train.max_minutes changed)."""
-        if tc.max_steps or "planned_steps" not in state:
-            return tc.max_steps or None
-        return max(1, round(state["planned_steps"] * tc.max_minutes / state["planned_minutes"]))
-
-    def time_progress(clock: float) -> float | None:
-        """For a decaying schedule over a time budget alone: the share of the budget after warmup used
-        by `clock` (seconds of the run, the mean over ranks), so the decay ends with the budget even
-        when the speed changes (evaluations included)."""
-        if not time_planned or "decay_start_s" not in state:
-            return None
-        start = state["decay_start_s"]
-        return (clock - start) / max(1e-9, tc.max_minutes * 60 - start)
-
     time_planned = tc.schedule in DECAYS and not tc.max_steps
-    late = bool(tc.max_minutes) and state["elapsed_s"] >= tc.max_minutes * 60
-    stop_reason = out_of_budget(late)
+    late = budget.late(state.elapsed_s)
+    stop = budget.spent(state, late)
     model.train()
-    while stop_reason is None:
-        plan = epoch_plan(data, tc.batch_tokens, tc.max_batch_pairs, tc.seed, state["epoch"])
+    while stop is None:
+        plan = epoch_plan(data, tc.batch_tokens, tc.max_batch_pairs, tc.seed, state.epoch)
         if len(plan) < per_update:
             raise ValueError(f"the training data makes {len(plan)} batches per epoch, fewer than the "
                              f"{per_update} one update needs (train.accum_steps x processes); lower "
                              "train.batch_tokens or train.accum_steps")
         # The same number of updates on every rank; the last < per_update batches wait for the next shuffle.
-        for start in range(state["position"], len(plan) - per_update + 1, per_update):
+        for start in range(state.position, len(plan) - per_update + 1, per_update):
             picks = [start + ctx.rank + ctx.world * i for i in range(tc.accum_steps)]
             # The key seeds what a task draws per batch (MLM masks): the same again on resume.
-            cpu_group = [collate(data, plan[j], (tc.seed, state["epoch"], j)) for j in picks]
-            # Losses are summed and divided by the target tokens of the whole update on all ranks.
-            # (and the run's clock, averaged: the same learning rate on every rank)
-            n_tokens, step_tokens, clock = ctx.all_sum([sum(b.n_tgt_tokens for b in cpu_group),
-                                                        sum(b.n_src_tokens + b.n_tgt_tokens for b in cpu_group),
-                                                        time.monotonic() - start_time])
-            clock /= ctx.world
-            group = [_to(b, ctx.device) for b in cpu_group]
-            lr = lr_at(state["step"], tc, total_steps(), time_progress(clock))
+            batches = [collate(data, plan[j], (tc.seed, state.epoch, j)) for j in picks]
+            n_tokens, step_tokens, clock = ctx.all_sum([sum(b.n_tgt_tokens for b in batches),
+                                                        sum(b.n_src_tokens + b.n_tgt_tokens for b in batches),
+                                                        budget.clock()])
+            clock /= ctx.world  # the run's clock, averaged: the same learning rate on every rank
+            lr = lr_at(state.step, tc, tc.max_steps or None, budget.decay_share(state, clock) if time_planned else None)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss_sum = 0.0
-            for i, b in enumerate(group):
-                # DDP averages gradients over ranks: scaling by N makes the update that of the summed loss.
-                sync = net.no_sync() if ctx.active and i < len(group) - 1 else nullcontext()
-                with sync:
-                    with autocast():
-                        logits = net(b)
-                    loss = task.loss(logits, b, cfg) * ctx.world / n_tokens
-                    loss.backward()
-                loss_sum += float(loss.detach())
+            loss = forward_backward(net, [_to(b, ctx.device) for b in batches], n_tokens, loss_of, ctx, autocast)
             grad_norm = clip_gradients(model.parameters(), tc.clip_norm)
-            loss_sum, any_late = ctx.all_sum([loss_sum / ctx.world, float(late_here())])
+            loss, any_late = ctx.all_sum([loss / ctx.world, float(budget.late())])
             late = any_late > 0
-            state["position"] = start + per_update
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            state.position = start + per_update
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 # Skip the update; the schedule does not advance. Every rank sees the same sums.
                 optimizer.zero_grad(set_to_none=True)
-                state["bad_steps"] += 1
-                log.warning("update %d: non-finite loss %.4g or gradient norm %.4g; skipped "
-                            "(epoch %d, batches %d-%d)", state["step"] + 1, loss_sum, grad_norm,
-                            state["epoch"], start, start + per_update - 1)
-                metrics_log.write({"step": state["step"] + 1, "skipped": True, "loss": str(loss_sum),
-                                   "grad_norm": str(grad_norm), "epoch": state["epoch"], "batch": start,
-                                   "batches": per_update})
-                if state["bad_steps"] >= tc.max_bad_steps:
-                    stop_reason = "non_finite"
+                if _skipped(state, loss, grad_norm, start, per_update, metrics_log) >= tc.max_bad_steps:
+                    stop = "non_finite"
                     break
                 continue
-            state["bad_steps"] = 0
+            state.bad_steps = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            if time_planned and state["step"] == max(1, tc.warmup_steps) and "decay_start_s" not in state \
-                    and "planned_steps" not in state:
-                state["decay_start_s"] = clock
+            state.step += 1
+            if time_planned and state.step == max(1, tc.warmup_steps) and state.decay_start_s is None:
+                state.decay_start_s = clock
                 log.info("%s schedule: decays from %.0f s to the end of train.max_minutes=%g", tc.schedule,
                          clock, tc.max_minutes)
-            state["tokens"] += int(step_tokens)
-            window_tokens += int(step_tokens)
-            window_loss += loss_sum
-            window_n += 1
-            bar.update(1)
-            if state["step"] % tc.log_every == 0:
-                now = time.monotonic()
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": round(window_loss / window_n, 5),
-                       "loss_exact": window_loss / window_n, "lr": lr, "grad_norm": round(grad_norm, 4),
-                       "tokens_per_s": round(window_tokens / max(1e-9, now - window_start), 1),
-                       "elapsed_s": round(now - start_time, 1)}
-                # On a shared VM, the share of CPU time the host gave to others explains slow spells.
-                cpu = hoststeal.cpu_times()
-                steal = hoststeal.steal_share(window_cpu, cpu)
-                window_cpu = cpu
-                if steal is not None:
-                    rec["cpu_steal"] = round(steal, 3)
-                metrics_log.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                lr=f"{lr:.2e}", left=_left(tc, now - start_time))
-                if not show:
-                    log.info("step %d loss %.4f lr %.2e %.0f tok/s%s", rec["step"], rec["loss"], lr,
-                             rec["tokens_per_s"], f" (host steal {steal:.0%})" if steal and steal >= 0.05 else "")
-                window_tokens, window_start, window_loss, window_n = 0, now, 0.0, 0
-            stop_reason = out_of_budget(late)
-            if tc.eval_every and state["step"] % tc.eval_every == 0 and stop_reason is None:
-                state["elapsed_s"] = time.monotonic() - start_time
-                if _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience, ctx):
-                    stop_reason = "patience"
-                window_tokens, window_start = 0, time.monotonic()  # tokens/s counts training only
-            elif tc.save_every and state["step"] % tc.save_every == 0:
-                state["elapsed_s"] = time.monotonic() - start_time
-                checkpoint(best=False)
-                window_tokens, window_start = 0, time.monotonic()
-            if stop_reason:
+            state.tokens += int(step_tokens)
+            window.add(int(step_tokens), loss)
+            if state.step % tc.log_every == 0:
+                window.write(state, lr, grad_norm, budget)
+            stop = budget.spent(state, late)
+            if tc.eval_every and state.step % tc.eval_every == 0 and stop is None:
+                state.elapsed_s = budget.clock()
+                if _evaluate_and_save(state, evaluate, saver, metrics_log, cfg.eval.metrics[0], tc.patience, ctx):
+                    stop = "patience"
+                window.restart()  # tokens/s counts training only
+            elif tc.save_every and state.step % tc.save_every == 0:
+                state.elapsed_s = budget.clock()
+                saver.save(state, best=False)
+                window.restart()
+            if stop:
                 break
         else:
-            state["epoch"] += 1
-            state["position"] = 0
-            stop_reason = out_of_budget(late)
+            state.epoch += 1
+            state.position = 0
+            stop = budget.spent(state, late)
     bar.close()
-    state["elapsed_s"] = time.monotonic() - start_time
-    if stop_reason == "non_finite":
-        kept = f"checkpoints/step-{saved_step:07d} is kept" if saved_step is not None else "no checkpoint was saved"
+    state.elapsed_s = budget.clock()
+
+    # -- the end: a last checkpoint, scored on dev; an average of the last ones ---------------------
+    if stop == "non_finite":
+        kept = f"checkpoints/step-{saver.saved_step:07d} is kept" if saver.saved_step is not None \
+            else "no checkpoint was saved"
         raise FloatingPointError(
             f"{tc.max_bad_steps} consecutive updates had a non-finite loss or gradient (the last at epoch "
-            f"{state['epoch']}, batch {state['position'] - per_update}); stopped, {kept}. Try a lower "
+            f"{state.epoch}, batch {state.position - per_update}); stopped, {kept}. Try a lower "
             "train.lr, a longer train.warmup_steps, train.clip_norm > 0, bf16: false, or check the data "
             "(see the skipped updates in metrics.jsonl).")
-    if state["step"] > 0 and saved_step != state["step"]:
-        _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, tc.patience, ctx)
-    if tc.average_last and state["step"] > 0:
-        error = None
-        if ctx.is_main:
-            try:
-                _average_last(cfg, run_dir, state, view, dev_pairs, metrics_log,
-                              dict(config=cfg.to_dict(), fingerprint=fingerprint(cfg, codec_texts),
-                                   world_size=ctx.world), codec_texts)
-            except Exception as e:
-                error = e
+    if state.step > 0 and saver.saved_step != state.step:
+        _evaluate_and_save(state, evaluate, saver, metrics_log, cfg.eval.metrics[0], tc.patience, ctx)
+    averaged, error = None, None
+    if tc.average_last and state.step > 0 and ctx.is_main:
+        try:
+            averaged = _average_last(cfg, run_dir, state, view, dev_pairs, metrics_log, saver.meta(), codec_texts)
+        except Exception as e:
+            error = e
+    if tc.average_last and state.step > 0:
         ctx.raise_if_any(error)
-    state["stop_reason"] = stop_reason
-    log.info("stopped (%s) at step %d after %.1f min; best dev %s %s at step %s", stop_reason, state["step"],
-             state["elapsed_s"] / 60, metric, state["best"], state["best_step"])
+    log.info("stopped (%s) at step %d after %.1f min; best dev %s %s at step %s", stop, state.step,
+             state.elapsed_s / 60, cfg.eval.metrics[0], state.best, state.best_step)
+    return dict(state.to_dict(), stop_reason=stop, **({"averaged": averaged} if averaged else {}))
+
+
+def _resume_point(cfg: Config, run_dir: Path):
+    """The run's last checkpoint, its saved state and tensors (None, None, None for a new run), after
+    refusing a changed config or vocabulary and a checkpoint training cannot resume from."""
+    last = checkpoint_dir(run_dir, "last")
+    if last is None:
+        return None, None, None
+    saved, tensors = read_checkpoint(last)
+    if saved.get("averaged_from"):
+        raise CheckpointError(
+            f"{last}: weights averaged over checkpoints (transduce average), not a point training can "
+            f"resume from (no optimizer state); to train on from them, start a new run with --set "
+            f"train.init_from={run_dir}")
+    check_resumable(cfg, run_dir, last, saved)
+    return last, saved, tensors
+
+
+def _restore(cfg: Config, run_dir: Path, last: Path, saved: dict, tensors, model, optimizer,
+             ctx: distributed.Dist) -> TrainState:
+    """Model, optimizer, generators and training state as the checkpoint `last` left them."""
+    load_model_tensors(model, tensors, last / "model.safetensors")
+    optimizer.load_state_dict(optimizer_join(load_tensors(last / "optimizer.safetensors"), saved.pop("optimizer")))
+    _restore_rng(last, saved.get("world_size", 1), ctx, cfg.train.seed)
+    state = TrainState.restore(saved)
+    best = checkpoint_dir(run_dir, "best")
+    if best is not None and best != last:  # an average made best after `last` was saved
+        best_state = read_json(best / "state.json")
+        if best_state.get("averaged_from") and cfg.eval.metrics[0] in best_state.get("dev", {}):
+            state.best, state.best_step = best_state["dev"][cfg.eval.metrics[0]], best_state["step"]
+    log.info("resuming %s from step %d (epoch %d, batch %d)", run_dir, state.step, state.epoch, state.position)
     return state
 
 
-def _average_last(cfg: Config, run_dir: Path, state: dict, view: LoadedRun, dev_pairs, metrics_log,
-                  meta: dict, codec_texts: dict[str, str]) -> None:
-    """train.average_last: average the last N step checkpoints, score the mean on dev, save it
-    (as "best" if it beats the best single checkpoint)."""
+def _dev_subset(dev: list, tc) -> list:
+    """The dev pairs evaluated during training: all, or those of train.eval_max_items sources."""
+    sources, _ = group_references(dev)
+    if tc.eval_max_items and len(sources) > tc.eval_max_items:
+        chosen = set(shuffled(sources, tc.seed)[: tc.eval_max_items])
+        return [p for p in dev if p.source in chosen]
+    return dev
+
+
+def _dev_engine(cfg: Config) -> str:
+    return "torch" if cfg.decode.engine == "torch" else "auto"
+
+
+def _dev_evaluator(cfg: Config, view: LoadedRun, dev_pairs: list, ctx: distributed.Dist):
+    """A function returning dev metrics (rank 0 only); decoding runs on the CPU."""
+    model = view.model
+
+    def evaluate() -> dict:
+        eval_model = model
+        if ctx.device.type != "cpu":
+            eval_model = build_model(cfg.model, len(view.source.vocab), len(view.target.vocab))
+            eval_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        eval_model.eval()
+        result, _ = view.task.evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam,
+                                       model=engines.build(eval_model, _dev_engine(cfg)))
+        model.train()
+        return result
+
+    return evaluate
+
+
+class Checkpointer:
+    """Writes checkpoints (rank 0) with every rank's generator states; remembers the last step saved."""
+
+    def __init__(self, cfg: Config, run_dir: Path, model, optimizer, ctx: distributed.Dist,
+                 codec_texts: dict[str, str], saved_step: int | None):
+        self.cfg, self.run_dir, self.model, self.optimizer, self.ctx = cfg, run_dir, model, optimizer, ctx
+        self.codec_texts, self.saved_step = codec_texts, saved_step
+        self.keep = max(cfg.train.keep_checkpoints, cfg.train.average_last)
+
+    def meta(self) -> dict:
+        return dict(config=self.cfg.to_dict(), fingerprint=fingerprint(self.cfg, self.codec_texts),
+                    world_size=self.ctx.world)
+
+    def save(self, state: TrainState, best: bool) -> None:
+        rng = self.ctx.gather(rng_state(self.ctx.device))
+        error = None
+        if self.ctx.is_main:
+            name = f"step-{state.step:07d}"
+            try:
+                save_checkpoint(self.run_dir, name, self.model, self.optimizer, dict(state.to_dict(), **self.meta()),
+                                best, self.keep, rng={f"rank{r}.{k}": v for r, d in enumerate(rng) for k, v in d.items()},
+                                texts=self.codec_texts)
+            except OSError as e:
+                previous = f"step-{self.saved_step:07d}" if self.saved_step is not None else None
+                error = RunDirWriteError(
+                    f"{self.run_dir}: could not write checkpoint {name} ({e.strerror}); training stopped. "
+                    + (f"The previous checkpoint {previous} is intact: free space or fix permissions, then "
+                       "run the same command to resume." if previous else "No checkpoint had been saved yet."))
+        self.ctx.raise_if_any(error)
+        self.saved_step = state.step
+
+
+class LogWindow:
+    """Loss and tokens/s over the updates since the last log line, written to metrics.jsonl and the
+    progress bar (or the log when there is no bar)."""
+
+    def __init__(self, metrics_log, bar, show: bool):
+        self.metrics_log, self.bar, self.show = metrics_log, bar, show
+        self.loss, self.n = 0.0, 0
+        self.cpu = hoststeal.cpu_times()
+        self.restart()
+
+    def restart(self) -> None:
+        self.tokens, self.start = 0, time.monotonic()
+
+    def add(self, tokens: int, loss: float) -> None:
+        self.tokens += tokens
+        self.loss += loss
+        self.n += 1
+        self.bar.update(1)
+
+    def write(self, state: TrainState, lr: float, grad_norm: float, budget: Budget) -> None:
+        now = time.monotonic()
+        rec = {"step": state.step, "epoch": state.epoch, "loss": round(self.loss / self.n, 5),
+               "loss_exact": self.loss / self.n, "lr": lr, "grad_norm": round(grad_norm, 4),
+               "tokens_per_s": round(self.tokens / max(1e-9, now - self.start), 1),
+               "elapsed_s": round(now - budget.origin, 1)}
+        # On a shared VM, the share of CPU time the host gave to others explains slow spells.
+        cpu = hoststeal.cpu_times()
+        steal = hoststeal.steal_share(self.cpu, cpu)
+        self.cpu = cpu
+        if steal is not None:
+            rec["cpu_steal"] = round(steal, 3)
+        self.metrics_log.write(rec)
+        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{lr:.2e}",
+                             left=budget.left())
+        if not self.show:
+            log.info("step %d loss %.4f lr %.2e %.0f tok/s%s", rec["step"], rec["loss"], lr, rec["tokens_per_s"],
+                     f" (host steal {steal:.0%})" if steal and steal >= 0.05 else "")
+        self.loss, self.n = 0.0, 0
+        self.restart()
+
+
+def _progress_bar(tc, state: TrainState, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=tc.max_steps or None, initial=state.step, disable=not show, unit="step",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _skipped(state: TrainState, loss: float, grad_norm: float, start: int, per_update: int, metrics_log) -> int:
+    """Log an update skipped for a non-finite loss or gradient; the number of such updates in a row."""
+    state.bad_steps += 1
+    log.warning("update %d: non-finite loss %.4g or gradient norm %.4g; skipped (epoch %d, batches %d-%d)",
+                state.step + 1, loss, grad_norm, state.epoch, start, start + per_update - 1)
+    metrics_log.write({"step": state.step + 1, "skipped": True, "loss": str(loss), "grad_norm": str(grad_norm),
+                       "epoch": state.epoch, "batch": start, "batches": per_update})
+    return state.bad_steps
+
+
+def _average_last(cfg: Config, run_dir: Path, state: TrainState, view: LoadedRun, dev_pairs, metrics_log,
+                  meta: dict, codec_texts: dict[str, str]) -> dict | None:
+    """train.average_last: average the last N step checkpoints, score the mean on dev, save it (as
+    "best" if it beats the best single checkpoint); what was averaged, or None if nothing was."""
     n = cfg.train.average_last
     paths = step_checkpoints(run_dir)[-n:]
     if len(paths) < 2:
         log.info("train.average_last=%d: only %d checkpoint saved, nothing to average", n, len(paths))
-        return
+        return None
     names = [p.name for p in paths]
     tensors = average_checkpoints(paths)
     model = build_model(cfg.model, len(view.source.vocab), len(view.target.vocab))
@@ -470,20 +567,20 @@ def _average_last(cfg: Config, run_dir: Path, state: dict, view: LoadedRun, dev_
     model.eval()
     metric = cfg.eval.metrics[0]
     t = time.monotonic()
-    result, _ = task_for(cfg).evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam,
-                                       model=engines.build(model, "torch" if cfg.decode.engine == "torch" else "auto"))
-    best = is_better(metric, result[metric], state["best"])
+    result, _ = view.task.evaluate(view, dev_pairs, cfg.eval.metrics, beam=cfg.eval.dev_beam,
+                                   model=engines.build(model, _dev_engine(cfg)))
+    best = is_better(metric, result[metric], state.best)
     log.info("average of the last %d checkpoints (%s .. %s): dev %s%s", len(paths), names[0], names[-1],
-             json.dumps(result), f"; better than {state['best']} at step {state['best_step']}, now best"
-             if best else f"; not better than {state['best']} at step {state['best_step']}")
-    metrics_log.write({"step": state["step"], "dev_averaged": result, "averaged_from": names,
+             json.dumps(result), f"; better than {state.best} at step {state.best_step}, now best"
+             if best else f"; not better than {state.best} at step {state.best_step}")
+    metrics_log.write({"step": state.step, "dev_averaged": result, "averaged_from": names,
                        "eval_s": round(time.monotonic() - t, 2)})
     name = f"average-{names[0]}-{names[-1]}"
-    save_checkpoint(run_dir, name, tensors, None, dict(state, averaged_from=names, dev=result, **meta),
+    save_checkpoint(run_dir, name, tensors, None, dict(state.to_dict(), averaged_from=names, dev=result, **meta),
                     best, cfg.train.keep_checkpoints, rng={}, texts=codec_texts, averaged=True)
-    state["averaged"] = {"checkpoint": name, "from": names, metric: result[metric], "best": best}
     if best:
-        state["best"], state["best_step"] = result[metric], state["step"]
+        state.best, state.best_step = result[metric], state.step
+    return {"checkpoint": name, "from": names, metric: result[metric], "best": best}
 
 
 def _restore_rng(path: Path, saved_world: int, ctx: distributed.Dist, seed: int) -> None:
@@ -491,25 +588,16 @@ def _restore_rng(path: Path, saved_world: int, ctx: distributed.Dist, seed: int)
     tensors = load_tensors(path / "rng.safetensors")
     prefix = f"rank{ctx.rank}."
     mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not mine and ctx.rank == 0 and "torch" in tensors:  # checkpoints from before per-rank states
-        mine = tensors
     if saved_world != ctx.world:
         log.warning("resuming with %d processes a run saved by %d: updates take other batches, so the run "
                     "will not repeat the uninterrupted one exactly", ctx.world, saved_world)
     if mine:
         set_rng_state(mine, ctx.device)
-    else:
+    else:  # a rank the saving run did not have
         torch.manual_seed(seed + 1_000_003 * ctx.rank)
 
 
-def _left(tc, elapsed: float) -> str:
-    if not tc.max_minutes:
-        return "-"
-    s = max(0, int(tc.max_minutes * 60 - elapsed))
-    return f"{s // 60}:{s % 60:02d}"
-
-
-def _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, patience: int,
+def _evaluate_and_save(state: TrainState, evaluate, saver: Checkpointer, metrics_log, metric: str, patience: int,
                        ctx: distributed.Dist) -> bool:
     """Evaluate on dev (rank 0), write metrics and a checkpoint; True if patience ran out."""
     best, stop, error = False, False, None
@@ -517,17 +605,17 @@ def _evaluate_and_save(state, evaluate, checkpoint, metrics_log, metric, patienc
         try:
             t = time.monotonic()
             result = evaluate()
-            best = is_better(metric, result[metric], state["best"])
+            best = is_better(metric, result[metric], state.best)
             if best:
-                state["best"], state["best_step"], state["evals_without_gain"] = result[metric], state["step"], 0
+                state.best, state.best_step, state.evals_without_gain = result[metric], state.step, 0
             else:
-                state["evals_without_gain"] += 1
-            metrics_log.write({"step": state["step"], "dev": result, "eval_s": round(time.monotonic() - t, 2)})
-            log.info("step %d dev %s", state["step"], json.dumps(result))
-            stop = bool(patience) and state["evals_without_gain"] >= patience
+                state.evals_without_gain += 1
+            metrics_log.write({"step": state.step, "dev": result, "eval_s": round(time.monotonic() - t, 2)})
+            log.info("step %d dev %s", state.step, json.dumps(result))
+            stop = bool(patience) and state.evals_without_gain >= patience
         except Exception as e:
             error = e
     ctx.raise_if_any(error)
     best, stop = ctx.from_main([float(best), float(stop)])
-    checkpoint(best=bool(best))
+    saver.save(state, best=bool(best))
     return bool(stop)

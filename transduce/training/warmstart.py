@@ -1,6 +1,8 @@
 """Where a fresh run's weights come from before step 1 (never on resume).
 
-- `train.init_from: RUN_DIR`: that run's best checkpoint. Tensors load by
+- `train.init_from: RUN_DIR`: that run's best checkpoint, or a Hugging Face
+  BART or Marian folder (export/huggingface.py), whose model options must be
+  the run's. Tensors load by
   name where the names match; the model's own tensors the run lacks (a new
   head) keep their fresh initialisation, and the run's tensors this model
   lacks (e.g. an MLM head) are dropped. Both are logged. A tensor whose
@@ -24,11 +26,33 @@ def _names(keys: list[str]) -> str:
     return ", ".join(f"{g}.* ({n})" for g, n in groups.items()) or "none"
 
 
+def _hf_tensors(model, folder: Path) -> dict:
+    """A Hugging Face folder's tensors under our names, once its options are checked against the model's."""
+    import dataclasses
+
+    from transduce.export.huggingface import read_folder
+
+    imp = read_folder(folder)
+    ours, theirs = dataclasses.asdict(model.config), dataclasses.asdict(imp.model_config)
+    skip = {"dropout", "attention_dropout", "activation_dropout", "init_encoder", "init_decoder"}
+    diffs = [f"model.{k}: {ours[k]!r} (the checkpoint's: {theirs[k]!r})" for k in ours
+             if k not in skip and k in theirs and ours[k] != theirs[k]]
+    if diffs:
+        raise ConfigError(f"train.init_from {folder}: the model config differs from the checkpoint's: "
+                          + "; ".join(diffs) + " (`transduce import` writes its config)")
+    return imp.tensors
+
+
 def load_from_run(model, run_dir: Path) -> list[str]:
-    init = checkpoint_dir(Path(run_dir), "best")
-    if init is None:
-        raise CheckpointError(f"{run_dir}: train.init_from names a run with no checkpoint")
-    _, tensors = read_checkpoint(init)
+    from transduce.export.huggingface import is_hf_folder
+
+    if is_hf_folder(run_dir):
+        init, tensors = Path(run_dir), _hf_tensors(model, Path(run_dir))
+    else:
+        init = checkpoint_dir(Path(run_dir), "best")
+        if init is None:
+            raise CheckpointError(f"{run_dir}: train.init_from names a run with no checkpoint")
+        _, tensors = read_checkpoint(init)
     where = init / "model.safetensors"
     expected = model_tensors(model)
     for k, v in tensors.items():
