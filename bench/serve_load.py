@@ -138,13 +138,16 @@ async def load(url: str, words: list[str], clients: int, requests: int, duration
 
 def recovery(url: str, word: str, target_s: float, within: float = 30.0) -> float | None:
     """Seconds until a lone request is answered within `target_s` again (None if not within `within`)."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < within:
-        s = time.perf_counter()
-        r = httpx.post(url + "/v1/translate", json={"inputs": [word]}, timeout=60)
-        if r.status_code == 200 and time.perf_counter() - s <= target_s:
-            return round(time.perf_counter() - t0, 2)
-        time.sleep(0.05)
+    # one client and connection, as the measured clients keep theirs (a new httpx client per request
+    # costs more than the request)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < within:
+            s = time.perf_counter()
+            r = client.post("/v1/translate", json={"inputs": [word]})
+            if r.status_code == 200 and time.perf_counter() - s <= target_s:
+                return round(time.perf_counter() - t0, 2)
+            time.sleep(0.05)
     return None
 
 
