@@ -25,6 +25,20 @@ def test_quantized_copy_leaves_the_model_alone_and_keeps_tied_outputs_float():
         quantize(model, "int4")
 
 
+def test_a_tied_output_layer_over_a_subword_vocabulary_gets_its_own_int8_copy():
+    from transduce.models.quantize import TIED_INT8_ROWS
+
+    model = make_model("transformer-prenorm", seed=3, tgt_v=TIED_INT8_ROWS)
+    q = quantize(model)
+    assert type(q.output) is Int8Linear and q.output.out_features == TIED_INT8_ROWS
+    assert type(q.tgt_embed.tokens) is nn.Embedding and q.tgt_embed.tokens.weight.dtype == torch.float32
+    batch = random_batch(4, seed=3, tgt_v=TIED_INT8_ROWS)
+    with torch.no_grad():
+        want, got = model.eval()(batch), q(batch)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
 def test_quantized_logits_stay_close(decoding_model_name):
     model = make_model(decoding_model_name, seed=4)
     src_v, tgt_v = vocab_sizes(decoding_model_name)

@@ -7,9 +7,12 @@ in int8 with int32 sums (`torch._int_mm`: oneDNN's AVX-512 VNNI kernels where
 the CPU has them), then is scaled back to float32. With the CPU kernels
 built, quantizing, multiplying and scaling back are one op
 (transduce/kernels/linear.cpp); otherwise PyTorch's ops do the same
-arithmetic. Output layers whose weight is tied to an embedding stay in
-float32: they are small and the scores they produce rank the outputs. For
-decoding only; the copy cannot be trained.
+arithmetic. An output layer whose weight is tied to an embedding stays in
+float32 while its vocabulary is small (the embedding keeps its float32 table
+either way): there it costs little and its scores rank the outputs; over a
+subword vocabulary it is the largest product of a decoding step, and it gets
+an int8 copy of its own, as CTranslate2 quantizes it. For decoding only; the
+copy cannot be trained.
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ def resolve(kind: str | None) -> str | None:
     return kind
 
 _EMPTY = torch.empty(0)
+# Tied output layers with at least this many rows (vocabulary entries) are quantized too.
+TIED_INT8_ROWS = 1024
 
 
 def _tied(model: nn.Module) -> set[int]:
@@ -130,7 +135,7 @@ def quantize(model: nn.Module, kind: str = "int8") -> nn.Module:
     tied = _tied(out)
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and id(child.weight) not in tied:
+            if type(child) is nn.Linear and (id(child.weight) not in tied or child.out_features >= TIED_INT8_ROWS):
                 setattr(parent, name, Int8Linear(child))
     out.quantization = kind
     return out
