@@ -172,3 +172,13 @@ def fake_run(name: str, seed: int) -> LoadedRun:
     cfg = Config(model=model.config)
     cfg.decode.max_len_a, cfg.decode.max_len_b = 1.0, 4
     return LoadedRun(cfg, model, src, tgt, {}, None)
+
+
+def stepwise_logits(model, batch) -> torch.Tensor:
+    """(B, T, V) logits of `batch`'s targets decoded one step at a time from the model's cache."""
+    state = model.init_state(model.encode(batch.src, batch.src_mask), 1, batch.tgt_in.shape[1])
+    steps = []
+    for t in range(batch.tgt_in.shape[1]):
+        logits, state = model.step(batch.tgt_in[:, t], state)
+        steps.append(logits)
+    return torch.stack(steps, 1)

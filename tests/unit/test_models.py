@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import make_engine, make_model, random_batch, vocab_sizes
+from conftest import make_engine, make_model, random_batch, stepwise_logits, vocab_sizes
 from transduce.checkpoint import load_model_tensors, read_checkpoint, save_checkpoint
 from transduce.data.pipeline import Batch
 from transduce.registry import build_model
@@ -39,12 +39,7 @@ def test_incremental_decoding_equals_full_forward(decoding_case):
     batch = batch_for(name, b=4, seed=1)
     with torch.no_grad():
         full = model(batch)
-        state = model.init_state(model.encode(batch.src, batch.src_mask), 1, batch.tgt_in.shape[1])
-        steps = []
-        for t in range(batch.tgt_in.shape[1]):
-            logits, state = model.step(batch.tgt_in[:, t], state)
-            steps.append(logits)
-    inc = torch.stack(steps, 1)
+        inc = stepwise_logits(model, batch)
     real = batch.labels != 0
     torch.testing.assert_close(inc[real], full[real], atol=1e-5, rtol=1e-4)
 

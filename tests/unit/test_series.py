@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stepwise_logits
 from transduce.checkpoint import load_model_tensors, read_checkpoint, save_checkpoint
 from transduce.config import ConfigError, ForecastConfig
 from transduce.data.readers import DataError
@@ -215,12 +216,8 @@ def test_vector_incremental_decoding_equals_full_forward(name):
     batch = vector_batch(name, seed=1)
     with torch.no_grad():
         full = model(batch)
-        state = model.init_state(model.encode(batch.src, batch.src_mask), 1, batch.tgt_in.shape[1])
-        steps = []
-        for t in range(batch.tgt_in.shape[1]):
-            logits, state = model.step(batch.tgt_in[:, t], state)
-            steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-4)
+        inc = stepwise_logits(model, batch)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["forecaster-linear", "forecaster-lags"])
